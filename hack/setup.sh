@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Installs, builds and starts everything ms2m needs on a Debian bookworm
+# machine. Idempotent: each step checks whether its result is already there.
+#
+#   hack/setup.sh            everything (packages, CRIU, containerd, ms2m, test image, containerd started)
+#   hack/setup.sh system     only the system part (packages, CRIU, containerd)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+trap 'echo "error: hack/setup.sh failed at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+[ "$(id -u)" = 0 ] || die "setup must run as root (it installs packages and starts containerd)"
+
+BOOKWORM_PACKAGES=(
+    # runtime pieces
+    runc iptables iproute2 rabbitmq-server
+    # CRIU build dependencies (the brief lists them), plus the compiler
+    build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
+    libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
+    protobuf-c-compiler protobuf-compiler uuid-dev python3 xz-utils
+    # test image: busybox, the host's python with pika for a third-party client
+    busybox-static python3-pika
+)
+
+install_bookworm_packages() {
+    local missing=()
+    for p in "${BOOKWORM_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then log "bookworm packages present"; return; fi
+    log "installing from bookworm: ${missing[*]}"
+    apt-get update -qq
+    # Services are started by ms2m's scripts, not by package postinsts.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_unstable_list() {
+    mkdir -p "$MS2M_APT_DIR/lists/partial" "$MS2M_APT_DIR/cache/archives/partial"
+    cat > "$MS2M_APT_DIR/sources.list" <<LIST
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian unstable main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian unstable main
+LIST
+    if [ -z "$(ls -A "$MS2M_APT_DIR/lists" 2>/dev/null | grep -v partial)" ]; then
+        log "fetching Debian unstable package lists (private list in $MS2M_APT_DIR)"
+        apt_unstable update -qq
+    fi
+}
+
+criu_ok() {
+    command -v criu >/dev/null 2>&1 || return 1
+    local v; v="$(criu --version 2>/dev/null | awk '/^Version:/ {print $2}')"
+    [ -n "$v" ] || return 1
+    # Need >= 4.2 (bookworm's 3.17 and trixie's 4.1 fail on this kernel).
+    dpkg --compare-versions "$v" ge 4.2
+}
+
+install_criu() {
+    if criu_ok; then log "CRIU $(criu --version | awk '/^Version:/ {print $2}') present"; return; fi
+    setup_unstable_list
+    local src="$MS2M_PREFIX/src/criu"
+    mkdir -p "$src"
+    (
+        cd "$src"
+        if ! ls criu_*.orig.tar.xz >/dev/null 2>&1; then
+            log "downloading CRIU source from Debian unstable"
+            # Only the upstream tarball is needed (apt checks its hash); the
+            # Debian packaging files are not, and the mirror may lack them.
+            apt_unstable source --download-only criu >/dev/null 2>&1 || true
+            ls criu_*.orig.tar.xz >/dev/null 2>&1 || die "could not download CRIU's source from Debian unstable"
+        fi
+        local tarball; tarball="$(ls criu_*.orig.tar.xz | sort -V | tail -1)"
+        # criu_4.2.1.orig.tar.xz unpacks into criu-4.2.1/
+        local version="${tarball#criu_}"; version="${version%.orig.tar.xz}"
+        local dir="criu-$version"
+        [ -d "$dir" ] || tar -xJf "$tarball"
+        [ -d "$dir" ] || die "unpacking $tarball did not give $dir"
+        log "building CRIU from $tarball (make criu)"
+        make -C "$dir" -j"$(nproc)" criu >"$src/build.log" 2>&1 || { tail -30 "$src/build.log"; die "CRIU build failed (log: $src/build.log)"; }
+        install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
+    )
+    criu_ok || die "CRIU installed but 'criu --version' does not report >= 4.2"
+    log "CRIU $(criu --version | awk '/^Version:/ {print $2}') installed to /usr/local/sbin/criu"
+}
+
+install_containerd() {
+    if command -v containerd >/dev/null 2>&1 && containerd --version 2>/dev/null | grep -q ' v\?2\.'; then
+        log "containerd $(containerd --version | awk '{print $3}') present"; return
+    fi
+    setup_unstable_list
+    local dl="$MS2M_PREFIX/debs"
+    mkdir -p "$dl"
+    ( cd "$dl" && ls containerd_*.deb >/dev/null 2>&1 || apt_unstable download containerd >/dev/null )
+    local deb; deb="$(ls "$dl"/containerd_*.deb | sort -V | tail -1)"
+    log "unpacking $(basename "$deb") into $MS2M_PREFIX/containerd"
+    rm -rf "$MS2M_PREFIX/containerd"
+    dpkg-deb -x "$deb" "$MS2M_PREFIX/containerd"
+    for b in containerd ctr containerd-shim-runc-v2; do
+        ln -sf "$MS2M_PREFIX/containerd/usr/bin/$b" "/usr/local/bin/$b"
+    done
+    containerd --version >/dev/null || die "containerd from $deb does not run on this machine"
+}
+
+build_ms2m() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+    log "building ms2m (release)"
+    (cd "$MS2M_ROOT" && cargo build --release --locked -q -p ms2m-shim -p ms2m-cli)
+    install -m 0755 "$CARGO_TARGET_DIR/release/containerd-shim-ms2m-v1" /usr/local/bin/containerd-shim-ms2m-v1
+    install -m 0755 "$CARGO_TARGET_DIR/release/ms2m" /usr/local/bin/ms2m
+}
+
+main() {
+    install_bookworm_packages
+    install_criu
+    install_containerd
+    [ "${1:-all}" = system ] && return
+    build_ms2m
+    "$MS2M_ROOT/hack/start-containerd.sh"
+    "$MS2M_ROOT/hack/build-image.sh"
+    log "setup complete"
+}
+
+main "$@"
