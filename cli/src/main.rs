@@ -1,1 +1,136 @@
-fn main() {}
+//! `ms2m`: checkpoint and restore containers through containerd's API.
+//!
+//! Works with any runtime that implements checkpoint and restore the way
+//! containerd's runc shim does: ms2m's `io.containerd.ms2m.v1` or
+//! `io.containerd.runc.v2`. It completes the flows `ctr` 2.1 cannot do: a
+//! checkpoint with `--exit` or to an image path, then a restore from it.
+
+mod checkpoint;
+mod client;
+mod inspect;
+mod options;
+mod output;
+mod restore;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::client::Containerd;
+
+/// Checkpoint and restore containers through containerd (any runtime).
+#[derive(Debug, Parser)]
+#[command(name = "ms2m", version, about)]
+struct Cli {
+    /// containerd's gRPC socket.
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint a container's task into an image directory and show the
+    /// freeze statistics.
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// Give an existing container a new task restored from a checkpoint
+    /// directory or a checkpoint reference, and start it.
+    Restore(restore::RestoreArgs),
+    /// Show what a checkpoint directory holds (its ms2m manifest).
+    Inspect(inspect::InspectArgs),
+}
+
+impl Command {
+    fn json(&self) -> bool {
+        match self {
+            Command::Checkpoint(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Inspect(a) => a.json,
+        }
+    }
+
+    /// What failed, for the first words of an error message.
+    fn failure(&self) -> String {
+        match self {
+            Command::Checkpoint(a) => format!("checkpoint of container {} failed", a.id),
+            Command::Restore(a) => {
+                format!("restore of container {} from {} failed", a.id, a.from)
+            }
+            Command::Inspect(a) => format!("inspect of {} failed", a.dir.display()),
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<()> {
+    let json = cli.command.json();
+    match &cli.command {
+        Command::Checkpoint(args) => {
+            let cd = Containerd::connect(&cli.address, &cli.namespace).await?;
+            let report = checkpoint::run(&cd, args).await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", output::checkpoint_text(&report));
+            }
+        }
+        Command::Restore(args) => {
+            let cd = Containerd::connect(&cli.address, &cli.namespace).await?;
+            let report = restore::run(&cd, args).await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", output::restore_text(&report));
+            }
+        }
+        Command::Inspect(args) => {
+            let report = inspect::run(args)?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", output::inspect_text(&report));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ms2m: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let message = format!("{}: {err:#}", cli.command.failure());
+            eprintln!("ms2m: {message}");
+            if cli.command.json() {
+                let _ = output::print_json(&serde_json::json!({ "error": message }));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

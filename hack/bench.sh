@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# ms2m benchmark: containerd-shim-ms2m-v1 against containerd's own
+# containerd-shim-runc-v2, side by side in one run, on ms2m's containerd,
+# with the same image and workload, interleaving the two runtimes run by run.
+#
+#   hack/bench.sh                      full run (5 runs per figure and runtime)
+#   BENCH_RUNS=3 hack/bench.sh         quicker run
+#
+# Knobs (environment):
+#   BENCH_RUNS=5              runs per (figure, size, runtime)
+#   BENCH_SIZES="16 256"      memcounter --mib sizes
+#   BENCH_RUNTIMES="ms2m runc-v2"   runtimes to compare (runc-v2 alone = baseline only)
+#   BENCH_FIGURES="leave ctr cli rss"  which measurements to take:
+#                             leave = leave-running checkpoint (frozen_ms, checkpoint_wall_s, CRIU stats),
+#                             ctr   = stop-and-copy with ctr (stop_and_copy_ctr_s),
+#                             cli   = stop-and-copy with the ms2m CLI (stop_and_copy_cli_s),
+#                             rss   = shim resident memory (shim_rss_mib)
+#   BENCH_SHM=/dev/shm/ms2m-bench   where checkpoint images go (tmpfs)
+#   BENCH_OUT=target/bench    results directory (results-<UTC time>.jsonl, .meta.json, logs)
+#   BENCH_STRICT=1            exit 2 when a figure misses its target (default: report only)
+#
+# Output: one JSON object per (figure, runtime) on stdout (also written to
+# BENCH_OUT/results-<time>.jsonl), then ratio lines. Progress goes to stderr.
+# Exit status: 0 all runs valid, 1 some run failed or was invalid, 2 strict miss.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=hack/lib.sh
+source "$HERE/lib.sh"
+
+: "${BENCH_RUNS:=5}"
+: "${BENCH_SIZES:=16 256}"
+: "${BENCH_RUNTIMES:=ms2m runc-v2}"
+: "${BENCH_FIGURES:=leave ctr cli rss}"
+: "${BENCH_SHM:=/dev/shm/ms2m-bench}"
+: "${BENCH_OUT:=$MS2M_ROOT/target/bench}"
+: "${BENCH_TOKEN:=msb$$}"
+export BENCH_RUNS BENCH_SIZES BENCH_RUNTIMES BENCH_FIGURES BENCH_SHM BENCH_OUT BENCH_TOKEN
+
+[ "$(id -u)" = 0 ] || die "hack/bench.sh must run as root (containerd, runc and CRIU need it)"
+command -v python3 >/dev/null || die "python3 not found: install python3 (hack/setup.sh system)"
+
+# --- prerequisites: fail loudly, saying what to run -------------------------
+command -v ctr >/dev/null || die "ctr not found: run hack/setup.sh"
+command -v containerd-shim-runc-v2 >/dev/null \
+    || die "containerd-shim-runc-v2 not on PATH: run hack/setup.sh"
+command -v runc >/dev/null || die "runc not found: run hack/setup.sh"
+command -v criu >/dev/null || die "criu not found: run hack/setup.sh (builds CRIU 4.2.1)"
+criu_ver="$(criu --version 2>/dev/null | awk '/^Version:/{print $2}')"
+case "$criu_ver" in
+    4.[2-9]*|4.[1-9][0-9]*|[5-9].*) ;;
+    *) die "criu ${criu_ver:-?} found, >= 4.2 needed on this kernel: run hack/setup.sh" ;;
+esac
+case " $BENCH_RUNTIMES " in
+    *" ms2m "*)
+        command -v containerd-shim-ms2m-v1 >/dev/null || die \
+            "containerd-shim-ms2m-v1 not on PATH: cargo build --release -p ms2m-shim && install -m755 target/release/containerd-shim-ms2m-v1 /usr/local/bin/ (or BENCH_RUNTIMES=runc-v2 for the baseline alone)"
+        ;;
+esac
+case " $BENCH_FIGURES " in
+    *" cli "*)
+        command -v ms2m >/dev/null || die \
+            "ms2m CLI not on PATH: cargo build --release -p ms2m-cli && install -m755 target/release/ms2m /usr/local/bin/ (or BENCH_FIGURES='leave ctr rss' to skip the CLI figure)"
+        ;;
+esac
+[ -d "$(dirname "$BENCH_SHM")" ] || die "$(dirname "$BENCH_SHM") does not exist (images go to tmpfs)"
+
+# ms2m's own containerd (idempotent).
+"$HERE/start-containerd.sh" || die "could not start ms2m's containerd: see /var/log/ms2m/containerd.log"
+ctr_ms2m images ls -q 2>/dev/null | grep -qx "$MS2M_TEST_IMAGE" \
+    || die "test image $MS2M_TEST_IMAGE not in ms2m's containerd: run hack/build-image.sh"
+
+# --- cleanup on any exit (the Python side cleans up too; this catches a kill -9 of it)
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    python3 "$HERE/bench.py" --cleanup || true
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$BENCH_OUT"
+python3 "$HERE/bench.py"

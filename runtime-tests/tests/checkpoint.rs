@@ -1,0 +1,318 @@
+//! Checkpoint and restore with state continuity: leave-running and exit
+//! checkpoints to an image path, the content store (`ctr c checkpoint` /
+//! `ctr c restore --live`), the `ms2m` CLI, restoring one checkpoint twice, and
+//! a 256 MiB workload.
+//!
+//! The state is memcounter's in-memory counter: after a restore it must
+//! continue from (at least) the value read just before the checkpoint; a
+//! restarted process would count from 1 again.
+
+use std::path::Path;
+use std::time::Duration;
+
+use criu_bridge::manifest::Manifest;
+use ms2m_runtime_tests::{
+    ctr, env, file_names, ms2m, Container, ImageRef, RunOpts, TestDir,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Runs memcounter and waits until its counter is at least `min`, so that a
+/// restart from 1 cannot be mistaken for a continued counter.
+fn counting(prefix: &str, mib: u64, interval_ms: u64, min: u64) -> Container {
+    let c = Container::run(prefix, RunOpts::memcounter(mib, interval_ms));
+    c.wait_status("RUNNING", T);
+    c.wait_counter_above(min - 1, Duration::from_secs(60));
+    c
+}
+
+/// The CRIU images every dump of memcounter has.
+fn assert_criu_images(dir: &Path) {
+    let names = file_names(dir);
+    for f in ["inventory.img", "pstree.img", "core-1.img", "mm-1.img"] {
+        assert!(names.contains(f), "{f} missing in {}: {names:?}", dir.display());
+    }
+    assert!(
+        names.iter().any(|n| n.starts_with("pages-") && n.ends_with(".img")),
+        "no pages-*.img in {}: {names:?}",
+        dir.display()
+    );
+}
+
+/// Total size of pages-*.img in `dir`.
+fn pages_bytes(dir: &Path) -> u64 {
+    file_names(dir)
+        .iter()
+        .filter(|n| n.starts_with("pages-"))
+        .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Checks ms2m's manifest in `img` (only under ms2m's runtime: runc's shim
+/// writes none). Returns it.
+fn check_manifest(img: &Path, work: Option<&Path>, id: &str, exit: bool) -> Option<Manifest> {
+    if !env().is_ms2m() {
+        return None;
+    }
+    let m = Manifest::read(img)
+        .unwrap_or_else(|e| panic!("reading ms2m's manifest in {}: {e}", img.display()));
+    assert_eq!(m.container_id, id, "{m:#?}");
+    assert!(m.created_at_unix_ms > 0, "{m:#?}");
+    assert!(!m.created_at.is_empty(), "{m:#?}");
+    let criu = m.runtime.criu_version.as_deref().unwrap_or_default();
+    assert!(criu.starts_with("4."), "criu_version {criu:?}: {m:#?}");
+    assert!(!m.runtime.shim.is_empty(), "{m:#?}");
+    assert_eq!(m.options.exit, exit, "options.exit: {m:#?}");
+    assert_eq!(Path::new(&m.options.image_path), img, "options.image_path: {m:#?}");
+    if let Some(w) = work {
+        assert_eq!(
+            m.options.work_path.as_deref().map(Path::new),
+            Some(w),
+            "options.work_path: {m:#?}"
+        );
+    }
+    let stats = m.stats.as_ref().unwrap_or_else(|| panic!("no stats: {m:#?}"));
+    assert!(stats.frozen_time_us > 0, "frozen_time_us: {m:#?}");
+    assert!(stats.pages_written > 0, "pages_written: {m:#?}");
+    assert!(stats.frozen_time_us >= stats.freezing_time_us, "{m:#?}");
+    assert!(m.timings.total_ms > 0.0, "timings: {m:#?}");
+    Some(m)
+}
+
+/// After a restore: the task runs and its counter continues from at least
+/// `before` (read before the checkpoint) and keeps counting.
+fn assert_continues(c: &Container, before: u64) -> u64 {
+    c.wait_status("RUNNING", T);
+    let first = ms2m_runtime_tests::wait_until(
+        "the restored task's counter",
+        T,
+        Duration::from_millis(20),
+        || c.try_counter(),
+    );
+    assert!(
+        first >= before,
+        "restored counter {first} is below the checkpointed {before}: the state did not continue"
+    );
+    let later = c.wait_counter_above(first, T);
+    assert!(later > first);
+    first
+}
+
+#[test]
+fn checkpoint_leave_running() {
+    let td = TestDir::new("ck-leave");
+    let c = counting("leave", 0, 50, 5);
+    let img = td.join("img");
+    let work = td.join("work");
+    let out = ctr(&[
+        "task",
+        "checkpoint",
+        "--image-path",
+        path_str(&img),
+        "--work-path",
+        path_str(&work),
+        &c.id,
+    ])
+    .ok();
+    // Still running, still counting, not frozen.
+    assert_eq!(c.status().as_deref(), Some("RUNNING"), "{out}");
+    if let Some(state) = c.freezer_state() {
+        assert_eq!(state, "THAWED");
+    }
+    let v = c.counter();
+    c.wait_counter_above(v, T);
+
+    assert_criu_images(&img);
+    assert!(
+        file_names(&work).contains("dump.log") || file_names(&img).contains("dump.log"),
+        "no dump.log in the work dir"
+    );
+    check_manifest(&img, Some(&work), &c.id, false);
+
+    // A second checkpoint of the same task into another dir works too.
+    let img2 = td.join("img2");
+    ctr(&["task", "checkpoint", "--image-path", path_str(&img2), &c.id]).ok();
+    assert_criu_images(&img2);
+    check_manifest(&img2, None, &c.id, false);
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+}
+
+#[test]
+fn exit_checkpoint_then_ms2m_restore() {
+    let td = TestDir::new("ck-exit");
+    let c = counting("exit", 0, 50, 30);
+    let img = td.join("img");
+    let work = td.join("work");
+    let before = c.counter();
+    let out = ctr(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        "--work-path",
+        path_str(&work),
+        &c.id,
+    ])
+    .ok();
+    // The task stopped.
+    c.wait_status("STOPPED", T);
+    assert_criu_images(&img);
+    check_manifest(&img, Some(&work), &c.id, true);
+    let _ = out;
+
+    ctr(&["task", "delete", &c.id]).ok();
+    let out = ms2m(&["restore", &c.id, path_str(&img)]).ok();
+    eprintln!("{out}");
+    let first = assert_continues(&c, before);
+    eprintln!("counter: {before} before the checkpoint, {first} right after the restore");
+}
+
+#[test]
+fn ms2m_cli_checkpoint_exit_and_restore() {
+    let td = TestDir::new("cli-exit");
+    let c = counting("cli", 0, 50, 30);
+    let img = td.join("img");
+    let work = td.join("work");
+    let before = c.counter();
+    let out = ms2m(&[
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        "--work-path",
+        path_str(&work),
+        "--json",
+        &c.id,
+    ])
+    .ok();
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m checkpoint --json` did not print JSON ({e}): {out}"));
+    assert!(report.is_object(), "{out}");
+    c.wait_status("STOPPED", T);
+    assert_criu_images(&img);
+    check_manifest(&img, Some(&work), &c.id, true);
+
+    // inspect shows the manifest, as text and as JSON.
+    let text = ms2m(&["inspect", path_str(&img)]).ok();
+    assert!(text.stdout.contains(&c.id), "{text}");
+    let json = ms2m(&["inspect", "--json", path_str(&img)]).ok();
+    let v: serde_json::Value = serde_json::from_str(json.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m inspect --json` did not print JSON ({e}): {json}"));
+    assert!(json.stdout.contains(&c.id), "{v}");
+
+    ctr(&["task", "delete", &c.id]).ok();
+    let out = ms2m(&["restore", "--json", &c.id, path_str(&img)]).ok();
+    serde_json::from_str::<serde_json::Value>(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m restore --json` did not print JSON ({e}): {out}"));
+    assert_continues(&c, before);
+}
+
+#[test]
+fn content_store_checkpoint_and_live_restore() {
+    let c = counting("cs", 0, 50, 30);
+    let r = ImageRef::unique("cs");
+    let before = c.counter();
+    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    // `ctr c checkpoint --task` leaves the task running.
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let images = ctr(&["images", "ls", "-q"]).ok();
+    assert!(images.stdout.lines().any(|l| l.trim() == r.name), "{images}");
+
+    // Stop and delete the original, restore under a new id.
+    c.kill_and_delete_task();
+    drop(c);
+    let restored = Container::adopt(&ms2m_runtime_tests::unique_id("cs-r"));
+    ctr(&["containers", "restore", "--live", &restored.id, &r.name]).ok();
+    assert_continues(&restored, before);
+}
+
+#[test]
+fn ms2m_restore_from_checkpoint_ref() {
+    let c = counting("ref", 0, 50, 30);
+    let r = ImageRef::unique("ref");
+    let before = c.counter();
+    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    c.kill_and_delete_task();
+    drop(c);
+    let restored = Container::adopt(&ms2m_runtime_tests::unique_id("ref-r"));
+    let out = ms2m(&["restore", &restored.id, &r.name]).ok();
+    eprintln!("{out}");
+    assert_continues(&restored, before);
+}
+
+#[test]
+fn same_checkpoint_ref_restored_twice() {
+    let c = counting("twice", 0, 50, 30);
+    let r = ImageRef::unique("twice");
+    let before = c.counter();
+    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    c.kill_and_delete_task();
+    drop(c);
+
+    let mut firsts = Vec::new();
+    for n in 0..2 {
+        let restored = Container::adopt(&ms2m_runtime_tests::unique_id(&format!("twice{n}")));
+        ctr(&["containers", "restore", "--live", &restored.id, &r.name]).ok();
+        firsts.push(assert_continues(&restored, before));
+        // Delete before the next restore (same checkpoint, one after the other).
+        drop(restored);
+    }
+    eprintln!("checkpointed after {before}, restored at {firsts:?}");
+}
+
+#[test]
+fn same_image_dir_restored_twice() {
+    let td = TestDir::new("dir-twice");
+    let c = counting("dtwice", 0, 50, 30);
+    let img = td.join("img");
+    let before = c.counter();
+    ctr(&["task", "checkpoint", "--exit", "--image-path", path_str(&img), &c.id]).ok();
+    c.wait_status("STOPPED", T);
+    ctr(&["task", "delete", &c.id]).ok();
+    for _ in 0..2 {
+        ms2m(&["restore", &c.id, path_str(&img)]).ok();
+        assert_continues(&c, before);
+        c.kill_and_delete_task();
+    }
+}
+
+#[test]
+fn large_256mib_checkpoint_and_restore() {
+    let td = TestDir::new("ck-256");
+    let c = counting("big", 256, 50, 10);
+    let rss = c.rss_kib().expect("VmRSS of the workload");
+    assert!(rss >= 256 * 1024, "workload RSS only {rss} KiB");
+    let img = td.join("img");
+    let work = td.join("work");
+    let before = c.counter();
+    ctr(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        "--work-path",
+        path_str(&work),
+        &c.id,
+    ])
+    .ok();
+    c.wait_status("STOPPED", T);
+    assert_criu_images(&img);
+    let pages = pages_bytes(&img);
+    assert!(pages >= 256 << 20, "pages images hold only {pages} bytes");
+    if let Some(m) = check_manifest(&img, Some(&work), &c.id, true) {
+        let written = m.stats.map(|s| s.pages_written).unwrap_or(0);
+        assert!(written >= 65536, "pages_written {written} < 256 MiB of pages");
+    }
+    ctr(&["task", "delete", &c.id]).ok();
+    ms2m(&["restore", &c.id, path_str(&img)]).ok();
+    assert_continues(&c, before);
+    let rss = c.rss_kib().expect("VmRSS of the restored workload");
+    assert!(rss >= 256 * 1024, "restored workload RSS only {rss} KiB");
+}
