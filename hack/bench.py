@@ -28,7 +28,9 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 
 ADDRESS = os.environ.get("MS2M_CONTAINERD_ADDRESS", "/run/ms2m/containerd/containerd.sock")
 NAMESPACE = os.environ.get("MS2M_NAMESPACE", "ms2m")
@@ -95,6 +97,11 @@ def tasks():
 
 def task(cid):
     return tasks().get(cid)
+
+
+def list_images():
+    out, _, _ = run(CTR + ["images", "ls", "-q"], check=False)
+    return out.split()
 
 
 def containers():
@@ -215,6 +222,62 @@ def vm_rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError("no VmRSS in /proc/%d/status" % pid)
+
+
+class Events:
+    """Collects containerd's task events (`ctr events`) for the whole run, so
+    the pause window around a checkpoint can be read from the /tasks/paused and
+    /tasks/resumed events' timestamps."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_cid = {}  # cid -> [(topic, epoch seconds)]
+        self.proc = subprocess.Popen(["ctr", "--address", ADDRESS, "events"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            # 2026-11-28 01:52:52.145299663 +0000 UTC ms2m /tasks/paused {"container_id":"x"}
+            f = line.rstrip("\n").split(" ", 6)
+            if len(f) < 7 or f[4] != NAMESPACE or not f[5].startswith("/tasks/"):
+                continue
+            try:
+                cid = json.loads(f[6]).get("container_id")
+                hms, _, frac = f[1].partition(".")
+                t = datetime.strptime(f[0] + " " + hms, "%Y-%m-%d %H:%M:%S").replace(
+                    tzinfo=timezone.utc).timestamp() + float("0." + (frac or "0"))
+            except (ValueError, AttributeError):
+                continue
+            with self.lock:
+                self.by_cid.setdefault(cid, []).append((f[5], t))
+
+    def pause_window(self, cid, timeout=2.0):
+        """Seconds between the first /tasks/paused and the next /tasks/resumed
+        event of cid, or None if they did not both arrive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                ev = list(self.by_cid.get(cid, []))
+            paused = [t for topic, t in ev if topic == "/tasks/paused"]
+            if paused:
+                resumed = [t for topic, t in ev if topic == "/tasks/resumed" and t >= paused[0]]
+                if resumed:
+                    return resumed[0] - paused[0]
+            time.sleep(0.05)
+        return None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+EVENTS = [None]
 
 
 # ---------------------------------------------------------------- CRIU files
@@ -399,6 +462,15 @@ def measure_leave(runtime, mib, run_no, logdir):
             raise BenchError("stats-dump has no frozen_time: %s" % st)
         R.add(names[0], runtime, "ms", st["frozen_time_us"] / 1000.0)
         R.add(names[1], runtime, "s", round(wall, 4))
+        pw = EVENTS[0].pause_window(cid) if EVENTS[0] else None
+        if pw is not None:
+            R.add("paused_window_ms_%dmib" % mib, runtime, "ms", round(pw * 1000.0, 1))
+        # containerd's client writes a checkpoint image to the content store
+        # unless it knows the runtime honours --image-path (it only knows runc).
+        leaked = [r for r in list_images() if r.startswith("containerd.io/checkpoint/%s:" % cid)]
+        for r in leaked:
+            run(CTR + ["images", "rm", r], check=False)
+        R.add("ctr_wrote_content_image_%dmib" % mib, runtime, "count", len(leaked))
         for k, n in (("freezing_time_us", "freezing_ms"), ("memdump_time_us", "memdump_ms"),
                      ("memwrite_time_us", "memwrite_ms")):
             if k in st:
@@ -412,10 +484,12 @@ def measure_leave(runtime, mib, run_no, logdir):
             prof = dump_log_profile(log_path)
             R.profiles.setdefault((mib, runtime), []).append(prof)
         log("leave  %-7s %3d MiB run %d: frozen %.1f ms, freezing %.1f ms, memdump %.1f ms, "
-            "memwrite %.1f ms, wall %.3f s, pages %s | %s"
+            "memwrite %.1f ms, wall %.3f s, paused window %s ms, pages %s%s | %s"
             % (runtime, mib, run_no, st["frozen_time_us"] / 1000.0,
                st.get("freezing_time_us", 0) / 1000.0, st.get("memdump_time_us", 0) / 1000.0,
-               st.get("memwrite_time_us", 0) / 1000.0, wall, st.get("pages_written"),
+               st.get("memwrite_time_us", 0) / 1000.0, wall,
+               "%.1f" % (pw * 1000.0) if pw is not None else "n/a", st.get("pages_written"),
+               ", ctr wrote a content-store image" if leaked else "",
                " ".join("%s=%s" % kv for kv in prof.items())))
     except BenchError as e:
         log("leave  %-7s %3d MiB run %d: INVALID: %s" % (runtime, mib, run_no, e))
@@ -437,6 +511,14 @@ def verify_continued(cid, before, runtime, what):
     return later
 
 
+def step_text(t0, steps):
+    parts, prev = [], t0
+    for name, t in steps:
+        parts.append("%s %.3f" % (name, t - prev))
+        prev = t
+    return ", ".join(parts)
+
+
 def measure_ctr(runtime, mib, run_no):
     name = "stop_and_copy_ctr_s_%dmib" % mib
     cid = new_id("ctr", runtime, mib, run_no)
@@ -445,18 +527,24 @@ def measure_ctr(runtime, mib, run_no):
     try:
         pid, _ = start_container(cid, runtime, mib)
         before = read_counter(pid)
+        steps = []
         t0 = time.monotonic()
         run(CTR + ["containers", "checkpoint", "--task", cid, ref])
+        steps.append(("checkpoint", time.monotonic()))
         run(CTR + ["task", "kill", cid])
         wait_stopped(cid)
+        steps.append(("kill+wait", time.monotonic()))
         run(CTR + ["task", "delete", cid])
+        steps.append(("delete", time.monotonic()))
         run(CTR + ["containers", "restore", "--live", newid, ref])
+        steps.append(("restore", time.monotonic()))
         wait_running(newid)
+        steps.append(("running", time.monotonic()))
         dt = time.monotonic() - t0
         after = verify_continued(newid, before, runtime, "ctr c restore --live")
         R.add(name, runtime, "s", round(dt, 4))
-        log("ctr    %-7s %3d MiB run %d: stop-and-copy %.3f s (counter %d -> %d)"
-            % (runtime, mib, run_no, dt, before, after))
+        log("ctr    %-7s %3d MiB run %d: stop-and-copy %.3f s (%s; counter %d -> %d)"
+            % (runtime, mib, run_no, dt, step_text(t0, steps), before, after))
     except BenchError as e:
         log("ctr    %-7s %3d MiB run %d: INVALID: %s" % (runtime, mib, run_no, e))
         R.fail([name], runtime, "s", "run %d: %s" % (run_no, e))
@@ -473,18 +561,22 @@ def measure_cli(runtime, mib, run_no, logdir):
         pid, _ = start_container(cid, runtime, mib)
         d = os.path.join(shm_dir(cid), "img")
         before = read_counter(pid)
+        cmd1 = MS2M + ["checkpoint", "--exit", "--image-path", d, cid]
+        cmd2 = MS2M + ["restore", "--work-path", os.path.join(SHM_RUN, cid, "restore-work"), cid, d]
         t0 = time.monotonic()
-        out1, err1, _ = run(MS2M + ["checkpoint", "--exit", "--image-path", d, cid])
-        out2, err2, _ = run(MS2M + ["restore", cid, d])
+        out1, err1, _ = run(cmd1)
+        steps = [("checkpoint", time.monotonic())]
+        out2, err2, _ = run(cmd2)
+        steps.append(("restore", time.monotonic()))
         wait_running(cid)
+        steps.append(("running", time.monotonic()))
         dt = time.monotonic() - t0
         with open(os.path.join(logdir, "cli-%s-%dmib-run%d.log" % (runtime, mib, run_no)), "w") as f:
-            f.write("$ ms2m checkpoint --exit --image-path %s %s\n%s%s\n$ ms2m restore %s %s\n%s%s"
-                    % (d, cid, out1, err1, cid, d, out2, err2))
+            f.write("$ %s\n%s%s\n$ %s\n%s%s" % (" ".join(cmd1), out1, err1, " ".join(cmd2), out2, err2))
         after = verify_continued(cid, before, runtime, "ms2m restore")
         R.add(name, runtime, "s", round(dt, 4))
-        log("cli    %-7s %3d MiB run %d: stop-and-copy %.3f s (counter %d -> %d)"
-            % (runtime, mib, run_no, dt, before, after))
+        log("cli    %-7s %3d MiB run %d: stop-and-copy %.3f s (%s; counter %d -> %d)"
+            % (runtime, mib, run_no, dt, step_text(t0, steps), before, after))
     except BenchError as e:
         log("cli    %-7s %3d MiB run %d: INVALID: %s" % (runtime, mib, run_no, e))
         R.fail([name], runtime, "s", "run %d: %s" % (run_no, e))
@@ -499,7 +591,8 @@ PRIMARY = ["frozen_ms", "checkpoint_wall_s", "stop_and_copy_ctr_s", "stop_and_co
 
 def figure_order():
     names = []
-    for base in PRIMARY + ["freezing_ms", "memdump_ms", "memwrite_ms", "pages_written"]:
+    for base in PRIMARY + ["paused_window_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "pages_written",
+                           "ctr_wrote_content_image"]:
         for mib in SIZES:
             names.append("%s_%dmib" % (base, mib))
     names.append("shim_rss_mib")
@@ -547,6 +640,8 @@ def report(stamp, meta):
                                      "source": "CRIU dump.log timestamps"}))
     if "ms2m" in RUNTIMES and "runc-v2" in RUNTIMES:
         for name in figure_order():
+            if name.startswith("ctr_wrote_content_image"):
+                continue
             a, b = summary(name, "ms2m"), summary(name, "runc-v2")
             if a["median"] is None or b["median"] is None or not b["median"]:
                 ratio_lines.append("ratio %s: ms2m/runc-v2 = n/a (ms2m %s, runc-v2 %s valid runs)"
@@ -572,6 +667,14 @@ def report(stamp, meta):
             miss |= not ok
             ratio_lines.append("check shim_rss_mib: ms2m median = %.2f MiB (target <= %.0f MiB) %s"
                                % (s["median"], SHIM_RSS_TARGET_MIB, "OK" if ok else "MISS"))
+    for mib in SIZES:
+        counts = {rt: R.values.get(("ctr_wrote_content_image_%dmib" % mib, rt), []) for rt in RUNTIMES}
+        if any(sum(v) for v in counts.values()):
+            ratio_lines.append(
+                "note %d MiB: `ctr task checkpoint --image-path` also wrote a checkpoint image to containerd's "
+                "content store (removed by the bench) in %s: containerd's client recognises an image path "
+                "only for io.containerd.runc.v2, and does this while the task is still paused"
+                % (mib, ", ".join("%d/%d %s runs" % (sum(v), len(v), rt) for rt, v in counts.items())))
     with open(path, "w") as f:
         for line in lines:
             f.write(line + "\n")
@@ -616,8 +719,11 @@ def machine_meta(stamp):
     except OSError:
         pass
     shims = {}
-    for rt in RUNTIMES:
-        b = shutil.which(RUNTIME_TYPES[rt][1])
+    bins = [(rt, RUNTIME_TYPES[rt][1]) for rt in RUNTIMES]
+    if "cli" in FIGURES:
+        bins.append(("ms2m-cli", "ms2m"))
+    for rt, binary in bins:
+        b = shutil.which(binary)
         shims[rt] = {"path": b, "sha256_prefix": None}
         if b:
             out, _, _ = run(["sha256sum", b], check=False)
@@ -631,6 +737,7 @@ def machine_meta(stamp):
         "runc": cmd_version(["runc", "--version"]),
         "criu": cmd_version(["criu", "--version"]),
         "ms2m_cli": shutil.which("ms2m"), "shims": shims,
+        "git_head": cmd_version(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"]),
         "image": IMAGE, "shm": SHM,
     }
 
@@ -641,9 +748,8 @@ def cleanup():
         for cid in containers():
             if cid.startswith(TOKEN + "-"):
                 remove_container(cid)
-        out, _, _ = run(CTR + ["images", "ls", "-q"], check=False)
-        for ref in out.split():
-            if ref.startswith(CKPT_REF_PREFIX):
+        for ref in list_images():
+            if ref.startswith(CKPT_REF_PREFIX) or ref.startswith("containerd.io/checkpoint/%s-" % TOKEN):
                 run(CTR + ["images", "rm", ref], check=False)
     except BenchError as e:
         log("cleanup: %s" % e)
@@ -658,11 +764,74 @@ def on_term(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 
 
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    if unit == "s":
+        return "%.3f" % v
+    if unit in ("ms", "MiB"):
+        return "%.1f" % v
+    if isinstance(v, float) and v != int(v):
+        return "%.2f" % v
+    return "%d" % v
+
+
+def table(path):
+    """Prints a Markdown table of a results file (for docs/benchmarks.md)."""
+    rows = {}
+    order = []
+    with open(path) as f:
+        for line in f:
+            o = json.loads(line)
+            if "median" not in o:
+                continue
+            if o["name"] not in rows:
+                order.append(o["name"])
+            rows.setdefault(o["name"], {})[o["runtime"]] = o
+    print("| figure | unit | ms2m median (min-max) | runc-v2 median (min-max) | ms2m/runc-v2 |")
+    print("|---|---|---|---|---|")
+    for name in order:
+        cells = []
+        unit = ""
+        for rt in ("ms2m", "runc-v2"):
+            o = rows[name].get(rt)
+            if not o:
+                cells.append("-")
+                continue
+            unit = o["unit"]
+            bad = " (%d invalid)" % o["invalid_runs"] if o.get("invalid_runs") else ""
+            cells.append("%s (%s-%s), n=%d%s" % (fmt(o["median"], unit), fmt(o["min"], unit), fmt(o["max"], unit),
+                                                 o["runs"], bad))
+        a, b = rows[name].get("ms2m"), rows[name].get("runc-v2")
+        ratio = "-"
+        if a and b and a["median"] is not None and b["median"]:
+            ratio = "%.2f" % (a["median"] / b["median"])
+        print("| %s | %s | %s | %s | %s |" % (name, unit, cells[0], cells[1], ratio))
+    profs = []
+    with open(path) as f:
+        for line in f:
+            o = json.loads(line)
+            if "median_phases" in o:
+                profs.append(o)
+    if profs:
+        phases = [p for p, _, _ in PROFILE_PHASES]
+        print()
+        print("| frozen window (dump.log, median ms) | runs | " + " | ".join(p[:-3] for p in phases) + " |")
+        print("|---|---|" + "---|" * len(phases))
+        for o in profs:
+            print("| %s %s | %d | %s |" % (o["name"].replace("frozen_profile_", ""), o["runtime"], o["runs"],
+                                          " | ".join("%.1f" % o["median_phases"][p] if p in o["median_phases"] else "n/a" for p in phases)))
+    return 0
+
+
 def main():
     if sys.argv[1:] == ["--cleanup"]:
         cleanup()
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        return table(sys.argv[2])
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     logdir = os.path.join(OUT, "logs-%s" % stamp)
     os.makedirs(logdir, exist_ok=True)
@@ -671,6 +840,7 @@ def main():
     log("runs=%d sizes=%s runtimes=%s figures=%s token=%s"
         % (RUNS, SIZES, RUNTIMES, FIGURES, TOKEN))
     t_begin = time.monotonic()
+    EVENTS[0] = Events()
     try:
         for run_no in range(1, RUNS + 1):
             # Alternate which runtime goes first, so drift hits both alike.
@@ -686,12 +856,17 @@ def main():
                     for rt in order:
                         measure_cli(rt, mib, run_no, logdir)
     except KeyboardInterrupt as e:
-        log("interrupted (%s): cleaning up" % (e or "Ctrl-C"))
+        log("interrupted (%s): cleaning up" % (str(e) or "SIGINT"))
         cleanup()
         return 130
     finally:
+        EVENTS[0].stop()
         cleanup()
     meta["duration_s"] = round(time.monotonic() - t_begin, 1)
+    end = machine_meta(stamp)
+    if end["shims"] != meta["shims"] or end["ms2m_cli"] != meta["ms2m_cli"]:
+        log("WARNING: a shim binary changed during the run: %s -> %s" % (meta["shims"], end["shims"]))
+        meta["shims_changed_during_run"] = end["shims"]
     meta["loadavg_end"] = open("/proc/loadavg").read().strip()
     meta["logs"] = logdir
     invalid, miss = report(stamp, meta)

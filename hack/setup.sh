@@ -81,6 +81,16 @@ install_criu() {
     log "CRIU $(criu --version | awk '/^Version:/ {print $2}') installed to /usr/local/sbin/criu"
 }
 
+# CRIU caches its kernel probe in /run/criu.kdat, creating /run/criu.kdat.tmp
+# exclusively first. A tmp file left by an interrupted CRIU blocks the cache
+# for good, and every CRIU call then re-probes the kernel (~25 ms).
+clear_stale_criu_cache() {
+    if [ -e /run/criu.kdat.tmp ] && ! pgrep -x criu >/dev/null 2>&1; then
+        log "removing stale /run/criu.kdat.tmp"
+        rm -f /run/criu.kdat.tmp
+    fi
+}
+
 install_containerd() {
     if command -v containerd >/dev/null 2>&1 && containerd --version 2>/dev/null | grep -q ' v\?2\.'; then
         log "containerd $(containerd --version | awk '{print $3}') present"; return
@@ -110,6 +120,7 @@ build_ms2m() {
 main() {
     install_bookworm_packages
     install_criu
+    clear_stale_criu_cache
     install_containerd
     [ "${1:-all}" = system ] && return
     build_ms2m

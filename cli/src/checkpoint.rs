@@ -139,7 +139,7 @@ pub fn checkpoint_options(
 }
 
 fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
+    (t.elapsed().as_secs_f64() * 1e6).round() / 1000.0
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

@@ -107,7 +107,7 @@ pub fn restore_text(r: &RestoreReport) -> String {
     let _ = writeln!(s, "  task:        pid {}, {}", r.pid, r.task_status);
     let _ = writeln!(
         s,
-        "  to running:  {} (create/restore {}, start {}), {} in all",
+        "  to running:  {} (Tasks.Create {}, Tasks.Start {}), {} in all",
         ms(r.time_to_running_ms),
         ms(r.create_ms),
         ms(r.start_ms),
@@ -129,11 +129,12 @@ pub fn restore_text(r: &RestoreReport) -> String {
     let _ = writeln!(s, "  work path:   {}", r.work_path);
     let _ = writeln!(
         s,
-        "  stdio:       {}",
-        r.log
-            .as_deref()
-            .unwrap_or("discarded (use --log FILE to keep it)")
+        "  stdio:       stdout/stderr {}, stdin {} (end-of-file)",
+        r.log, r.stdin
     );
+    if let Some(why) = &r.manifest_missing {
+        let _ = writeln!(s, "  manifest:    none ({why})");
+    }
     if let Some(m) = &r.manifest {
         let _ = writeln!(
             s,

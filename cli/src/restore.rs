@@ -40,8 +40,8 @@ pub struct RestoreArgs {
     /// Kill and delete the container's task if it is still running.
     #[arg(long)]
     pub force: bool,
-    /// Send the restored task's stdout and stderr to this file (default:
-    /// nowhere).
+    /// Append the restored task's stdout and stderr to this file (default:
+    /// /dev/null), as a `file://` URI. Its stdin is a FIFO nobody writes.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// CRIU's work directory for the restore (logs, stats-restore). Default:
@@ -123,7 +123,7 @@ pub fn checkpoint_descriptor(index_json: &[u8]) -> Result<Descriptor> {
     let manifests = index
         .get("manifests")
         .and_then(|m| m.as_array())
-        .context("the checkpoint index has no \"manifests\" list")?;
+        .context("the image is not a checkpoint: its target is not an index")?;
     let entry = manifests
         .iter()
         .find(|d| d.get("mediaType").and_then(|m| m.as_str()) == Some(CRIU_CHECKPOINT_MEDIA_TYPE))
@@ -168,6 +168,37 @@ pub fn log_uri(file: &Path) -> String {
     format!("file://{}", file.display())
 }
 
+/// Name of the stdin FIFO ms2m creates in the restore work directory.
+pub const STDIN_FIFO: &str = "stdin";
+
+/// Where the restored task's output goes when no `--log` is given.
+pub const DEFAULT_LOG: &str = "/dev/null";
+
+/// Creates (or replaces) the FIFO the restored task's stdin is read from.
+///
+/// Empty stdio paths would hand the task the host's `/dev/null`, which CRIU
+/// cannot dump ("Can't lookup mount ... path=/dev/null"): the restored task
+/// could never be checkpointed again. With a FIFO that nobody writes, the
+/// shim gives the task a pipe that reads end-of-file, as `ctr run -d` does.
+fn make_stdin_fifo(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove old FIFO {}", path.display()))
+        }
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))?;
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot create stdin FIFO {}", path.display()));
+    }
+    Ok(())
+}
+
 /// What a restore did, as printed (text or JSON).
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {
@@ -189,8 +220,10 @@ pub struct RestoreReport {
     pub previous_task: Option<String>,
     /// CRIU's work directory for the restore.
     pub work_path: String,
-    /// Where stdout/stderr go (`null` when nowhere).
-    pub log: Option<String>,
+    /// Where stdout/stderr go (a `file://` URI).
+    pub log: String,
+    /// The stdin FIFO (nobody writes it: the task reads end-of-file).
+    pub stdin: String,
     /// PID of the restored task.
     pub pid: u32,
     /// The task's status after start.
@@ -208,12 +241,16 @@ pub struct RestoreReport {
     /// Why there are no restore statistics, when there are none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_stats_missing: Option<String>,
-    /// The checkpoint's ms2m manifest, when the directory has one.
+    /// The checkpoint's ms2m manifest (from the directory, or from inside a
+    /// reference's tarball), when it has one.
     pub manifest: Option<Manifest>,
+    /// Why there is no manifest, when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_missing: Option<String>,
 }
 
 fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
+    (t.elapsed().as_secs_f64() * 1e6).round() / 1000.0
 }
 
 async fn delete_task(cd: &Containerd, id: &str) -> Result<()> {
@@ -264,12 +301,44 @@ async fn kill_and_wait(cd: &Containerd, id: &str) -> Result<()> {
 
 /// Reads a whole blob from the content store.
 async fn read_blob(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
+    read_blob_range(cd, digest, 0, 0).await
+}
+
+/// One tar header block: the entry's name, its size and its type flag.
+/// `None` for the all-zero block that ends an archive.
+pub fn parse_tar_header(block: &[u8]) -> Result<Option<(String, u64, u8)>> {
+    if block.len() < 512 {
+        anyhow::bail!("short tar header ({} bytes)", block.len());
+    }
+    if block[..512].iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    let field = |range: std::ops::Range<usize>| {
+        let raw = &block[range];
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    };
+    let mut name = field(0..100);
+    if &block[257..262] == b"ustar" {
+        let prefix = field(345..500);
+        if !prefix.is_empty() {
+            name = format!("{prefix}/{name}");
+        }
+    }
+    let size_field = field(124..136);
+    let size = u64::from_str_radix(size_field.trim(), 8)
+        .with_context(|| format!("bad size {size_field:?} in tar header of {name:?}"))?;
+    Ok(Some((name, size, block[156])))
+}
+
+/// Reads `len` bytes at `offset` of a blob (`len` 0: to the end).
+async fn read_blob_range(cd: &Containerd, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut stream = cd
         .content()
         .read(cd.request(ReadContentRequest {
             digest: digest.to_string(),
-            offset: 0,
-            size: 0,
+            offset: i64::try_from(offset).context("blob offset too large")?,
+            size: i64::try_from(len).context("blob range too large")?,
         }))
         .await
         .map_err(grpc("Content.Read"))?
@@ -279,6 +348,34 @@ async fn read_blob(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
         data.extend_from_slice(&chunk.data);
     }
     Ok(data)
+}
+
+/// Finds the ms2m manifest inside a checkpoint's CRIU tarball by walking
+/// its tar headers (the manifest sorts before CRIU's large page images, so
+/// only a few small reads are needed). `None` when the tarball has none.
+async fn manifest_from_tarball(cd: &Containerd, desc: &Descriptor) -> Result<Option<Manifest>> {
+    const MAX_ENTRIES: usize = 4096;
+    let total = u64::try_from(desc.size).unwrap_or(0);
+    let mut offset = 0u64;
+    for _ in 0..MAX_ENTRIES {
+        if offset + 512 > total {
+            break;
+        }
+        let block = read_blob_range(cd, &desc.digest, offset, 512).await?;
+        let Some((name, size, kind)) = parse_tar_header(&block)? else {
+            break;
+        };
+        let data_at = offset + 512;
+        let name = name.trim_start_matches("./");
+        if name == criu_bridge::manifest::MANIFEST_FILE && (kind == b'0' || kind == 0) {
+            let data = read_blob_range(cd, &desc.digest, data_at, size).await?;
+            let manifest = Manifest::from_slice(&data)
+                .map_err(|e| anyhow::anyhow!("the manifest in the checkpoint: {e}"))?;
+            return Ok(Some(manifest));
+        }
+        offset = data_at + size.div_ceil(512) * 512;
+    }
+    Ok(None)
 }
 
 /// Resolves a checkpoint reference to its CRIU tarball descriptor.
@@ -306,7 +403,7 @@ async fn resolve_reference(cd: &Containerd, name: &str) -> Result<Descriptor> {
     let index = read_blob(cd, &target.digest)
         .await
         .with_context(|| format!("cannot read the index {} of {name}", target.digest))?;
-    checkpoint_descriptor(&index).with_context(|| format!("image {name}"))
+    checkpoint_descriptor(&index).with_context(|| format!("image {name} ({})", target.media_type))
 }
 
 /// Runs `ms2m restore`.
@@ -401,18 +498,21 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
             .mounts
     };
 
-    let log = match &args.log {
-        Some(f) => Some(log_uri(&absolute(f)?)),
-        None => None,
+    let log_file = match &args.log {
+        Some(f) => absolute(f)?,
+        None => PathBuf::from(DEFAULT_LOG),
     };
-    let stdio = log.clone().unwrap_or_default();
+    let log = log_uri(&log_file);
+    let stdin = work_path.join(STDIN_FIFO);
+    make_stdin_fifo(&stdin)?;
     let checkpoint_digest = checkpoint.as_ref().map(|d| d.digest.clone());
+    let checkpoint_desc = checkpoint.clone();
     let req = CreateTaskRequest {
         container_id: id.to_string(),
         rootfs,
-        stdin: String::new(),
-        stdout: stdio.clone(),
-        stderr: stdio,
+        stdin: stdin.display().to_string(),
+        stdout: log.clone(),
+        stderr: log.clone(),
         terminal: false,
         checkpoint,
         options: Some(to_any(&opts, RUNC_OPTIONS_TYPE_URL)),
@@ -448,6 +548,24 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
     let task_status = match client::get_task(cd, id).await? {
         Some(p) => client::status_name(p.status).to_string(),
         None => "deleted".to_string(),
+    };
+
+    // After the task runs, so it costs the restore nothing: the manifest of
+    // a checkpoint reference is inside its tarball.
+    let (manifest, manifest_missing) = match (&manifest, &checkpoint_desc) {
+        (None, Some(desc)) => match manifest_from_tarball(cd, desc).await {
+            Ok(Some(m)) => (Some(m), None),
+            Ok(None) => (
+                None,
+                Some("the checkpoint holds no ms2m manifest".to_string()),
+            ),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+        (None, None) => (
+            None,
+            Some("the checkpoint directory holds no ms2m manifest".to_string()),
+        ),
+        (Some(_), _) => (manifest, None),
     };
 
     let stats_file = work_path.join(criu_bridge::stats::RESTORE_STATS_FILE);
@@ -489,6 +607,7 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
         previous_task,
         work_path: work_path.display().to_string(),
         log,
+        stdin: stdin.display().to_string(),
         pid: if started.pid != 0 {
             started.pid
         } else {
@@ -502,6 +621,7 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
         restore_stats,
         restore_stats_missing,
         manifest,
+        manifest_missing,
     })
 }
 
@@ -579,6 +699,30 @@ mod tests {
         assert!(e.contains("not a checkpoint"), "{e}");
         assert!(checkpoint_descriptor(b"{}").is_err());
         assert!(checkpoint_descriptor(b"nope").is_err());
+    }
+
+    fn tar_header(name: &str, size: u64) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        let size = format!("{size:011o}");
+        h[124..135].copy_from_slice(size.as_bytes());
+        h[156] = b'0';
+        h[257..262].copy_from_slice(b"ustar");
+        h
+    }
+
+    #[test]
+    fn parses_tar_headers() {
+        let h = tar_header("ms2m-manifest.json", 1234);
+        assert_eq!(
+            parse_tar_header(&h).unwrap(),
+            Some(("ms2m-manifest.json".to_string(), 1234, b'0'))
+        );
+        let mut p = tar_header("x.img", 1);
+        p[345..348].copy_from_slice(b"dir");
+        assert_eq!(parse_tar_header(&p).unwrap().unwrap().0, "dir/x.img");
+        assert_eq!(parse_tar_header(&[0u8; 512]).unwrap(), None);
+        assert!(parse_tar_header(&[1u8; 10]).is_err());
     }
 
     #[test]

@@ -30,6 +30,17 @@ pub enum Error {
         /// Why it failed.
         reason: String,
     },
+    /// A CRIU RPC request failed; `failure` says how (CRIU refused, a
+    /// callback failed, CRIU died, timed out, ...).
+    #[error("{action}: {detail}")]
+    Criu {
+        /// What was being done ("dump pid 1234", "restore from /dev/shm/x").
+        action: String,
+        /// How it failed.
+        failure: crate::rpc::CriuFailure,
+        /// CRIU's error message, exit status, log file.
+        detail: String,
+    },
 }
 
 impl Error {

@@ -5,6 +5,11 @@
 //! - [`stats`]: CRIU's dump and restore statistics (`stats-dump`,
 //!   `stats-restore`), decoded from CRIU's image format.
 //! - [`criu`]: facts about the installed CRIU binary (its version).
+//! - [`rpc`]: a client for CRIU's RPC protocol (`criu swrk`): dump,
+//!   pre-dump, restore, page server, feature check, with notification
+//!   callbacks and the frozen-window (`post-dump`) hook.
+//! - [`features`]: what this kernel and CRIU can do (detected once).
+//! - [`strategy`]: which checkpoint strategy to use, and why.
 //! - [`config`]: CRIU configuration files (runc hands them to CRIU through
 //!   the `org.criu.config` annotation) and the choices behind them, such as
 //!   whether a network lock is needed at all.
@@ -15,8 +20,11 @@
 pub mod config;
 pub mod criu;
 mod error;
+pub mod features;
 pub mod manifest;
 mod protobuf;
+pub mod rpc;
 pub mod stats;
+pub mod strategy;
 
 pub use error::Error;

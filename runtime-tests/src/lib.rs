@@ -72,7 +72,7 @@ impl TestEnv {
 
     /// True when the tests run against ms2m's shim (not the runc baseline).
     pub fn is_ms2m(&self) -> bool {
-        self.runtime == MS2M_RUNTIME
+        self.runtime == MS2M_RUNTIME || self.runtime.ends_with("/containerd-shim-ms2m-v1")
     }
 }
 
@@ -122,7 +122,10 @@ fn check_prerequisites(env: &TestEnv) -> Vec<String> {
         }
     }
     if let Some(criu) = which("criu") {
-        match run_cmd(Command::new(&criu).arg("--version"), Duration::from_secs(10)) {
+        match run_cmd(
+            Command::new(&criu).arg("--version"),
+            Duration::from_secs(10),
+        ) {
             Ok(out) => match criu_version_of(&out.stdout) {
                 Some(v) if version_at_least(&v, &[4, 2]) => {}
                 Some(v) => missing.push(format!(
@@ -365,7 +368,11 @@ pub fn unique_id(prefix: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{prefix}-{}-{n}-{:05x}", std::process::id(), nanos & 0xfffff)
+    format!(
+        "{prefix}-{}-{n}-{:05x}",
+        std::process::id(),
+        nanos & 0xfffff
+    )
 }
 
 /// Polls `f` every `interval` until it returns `Some`, or panics after
@@ -400,6 +407,90 @@ pub fn parse_task_ls(output: &str, id: &str) -> Option<(u32, String)> {
         let status = f.next()?.to_string();
         Some((pid, status))
     })
+}
+
+/// The path of `controller` in a `/proc/PID/cgroup` listing (cgroup v1).
+pub fn cgroup_v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let _ = f.next()?;
+        let ctrls = f.next()?;
+        let path = f.next()?;
+        ctrls
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+/// Pids of shim processes started for container `id`: their command line
+/// has `-id ID` (how containerd starts every shim v2).
+pub fn shim_pids_for(id: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if is_shim_cmdline_for(&cmdline, id) {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// True when a NUL-separated command line is a containerd shim's for `id`.
+pub fn is_shim_cmdline_for(cmdline: &[u8], id: &str) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_shim = args
+        .first()
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .is_some_and(|a| {
+            a.rsplit('/')
+                .next()
+                .unwrap_or(a)
+                .starts_with("containerd-shim-")
+        });
+    is_shim
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes())
+}
+
+/// States of the children of process `pid` (`(child pid, state letter)`),
+/// from /proc/PID/task/*/children.
+pub fn child_states(pid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(t.path().join("children")) else {
+            continue;
+        };
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            let state = std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| proc_stat_state(&s))
+                .unwrap_or('?');
+            out.push((c, state));
+        }
+    }
+    out
+}
+
+/// The state letter of a /proc/PID/stat line (after the parenthesised name).
+pub fn proc_stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// Parses the counter file's contents.
@@ -512,12 +603,20 @@ impl Container {
 
     /// Waits until `ctr task ls` shows `status` for this task.
     pub fn wait_status(&self, status: &str, timeout: Duration) {
-        let mut last = None;
-        let what = format!("task {} to be {status}", self.id);
-        wait_until(&what, timeout, Duration::from_millis(20), || {
-            last = self.status();
-            (last.as_deref() == Some(status)).then_some(())
-        });
+        let start = Instant::now();
+        loop {
+            let last = self.status();
+            if last.as_deref() == Some(status) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for task {} to be {status} (it is {last:?})",
+                    self.id
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A fresh exec id.
@@ -563,30 +662,44 @@ impl Container {
 
     /// Waits until the counter (read through exec) exceeds `above`; returns it.
     pub fn wait_counter_above(&self, above: u64, timeout: Duration) -> u64 {
-        let mut last = None;
-        let what = format!("counter of {} to exceed {above}", self.id);
-        let v = wait_until(&what, timeout, Duration::from_millis(50), || {
-            last = self.try_counter();
-            last.filter(|v| *v > above)
-        });
-        v
+        let start = Instant::now();
+        loop {
+            let last = self.try_counter();
+            if let Some(v) = last.filter(|v| *v > above) {
+                return v;
+            }
+            if start.elapsed() > timeout {
+                let task = self.task();
+                panic!(
+                    "timed out after {timeout:?} waiting for the counter of {} to exceed {above} \
+                     (last read {last:?}, task {task:?})",
+                    self.id
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The freezer cgroup state (`THAWED`, `FROZEN`, `FREEZING`) of the task's
     /// init process, read from cgroup v1; `None` where that is not readable.
     pub fn freezer_state(&self) -> Option<String> {
+        self.cgroup_v1_file("freezer", "freezer.state")
+    }
+
+    /// Contents (trimmed) of `file` in the task's cgroup v1 `controller`
+    /// directory; `None` without a task or where that is not readable.
+    pub fn cgroup_v1_file(&self, controller: &str, file: &str) -> Option<String> {
         let (pid, _) = self.task()?;
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let path = cg.lines().find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let _ = f.next()?;
-            let ctrls = f.next()?;
-            let path = f.next()?;
-            ctrls.split(',').any(|c| c == "freezer").then(|| path.to_string())
-        })?;
-        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
+        let path = cgroup_v1_path(&cg, controller)?;
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}{path}/{file}"))
             .ok()
             .map(|s| s.trim().to_string())
+    }
+
+    /// Pid of this container's shim process (found by its `-id ID` argument).
+    pub fn shim_pid(&self) -> Option<u32> {
+        shim_pids_for(&self.id).into_iter().next()
     }
 
     /// Resident set size of the task's init process in KiB.
@@ -667,6 +780,22 @@ impl Drop for Container {
         if let Ok(out) = base(&["container", "delete", &self.id]) {
             if !out.success() && !out.stderr.contains("not found") {
                 eprintln!("cleanup of container {}: {out}", self.id);
+            }
+        }
+        // ctr records each `ctr task checkpoint` of a non-runc runtime as an
+        // image containerd.io/checkpoint/ID:TIME; do not leave them behind.
+        if let Ok(out) = base(&["images", "ls", "-q"]) {
+            let prefix = format!("containerd.io/checkpoint/{}:", self.id);
+            let stale: Vec<&str> = out
+                .stdout
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with(&prefix))
+                .collect();
+            if !stale.is_empty() {
+                let mut args = vec!["images", "rm"];
+                args.extend(stale);
+                let _ = base(&args);
             }
         }
     }
@@ -853,7 +982,13 @@ impl Events {
     pub fn start() -> Events {
         let env = env();
         let mut child = Command::new(&env.ctr)
-            .args(["--address", &env.address, "--namespace", &env.namespace, "events"])
+            .args([
+                "--address",
+                &env.address,
+                "--namespace",
+                &env.namespace,
+                "events",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -903,7 +1038,10 @@ impl Events {
     }
 
     pub fn events(&self) -> Vec<Event> {
-        self.lines().iter().filter_map(|l| Event::parse(l)).collect()
+        self.lines()
+            .iter()
+            .filter_map(|l| Event::parse(l))
+            .collect()
     }
 
     /// Events about container `id`.
@@ -986,7 +1124,10 @@ mod tests {
     #[test]
     fn parses_task_ls() {
         let out = "TASK    PID      STATUS    \nabc     15584    PAUSED\nabcd    1    RUNNING\n";
-        assert_eq!(parse_task_ls(out, "abc"), Some((15584, "PAUSED".to_string())));
+        assert_eq!(
+            parse_task_ls(out, "abc"),
+            Some((15584, "PAUSED".to_string()))
+        );
         assert_eq!(parse_task_ls(out, "abcd"), Some((1, "RUNNING".to_string())));
         assert_eq!(parse_task_ls(out, "ab"), None);
         assert_eq!(parse_task_ls("TASK PID STATUS\n", "abc"), None);
@@ -1012,6 +1153,29 @@ mod tests {
         assert_eq!(t.container_id(), None);
         assert!(Event::parse("garbage").is_none());
         assert!(Event::parse("2026-11-28 01:39:22 +0000 UTC ms2m /tasks/exit {broken").is_none());
+    }
+
+    #[test]
+    fn cgroup_paths() {
+        let cg = "12:freezer:/ms2m/abc\n11:memory:/ms2m/abc\n3:cpu,cpuacct:/ms2m/abc\n0::/\n";
+        assert_eq!(cgroup_v1_path(cg, "freezer").as_deref(), Some("/ms2m/abc"));
+        assert_eq!(cgroup_v1_path(cg, "cpuacct").as_deref(), Some("/ms2m/abc"));
+        assert_eq!(cgroup_v1_path(cg, "pids"), None);
+    }
+
+    #[test]
+    fn shim_cmdlines() {
+        let c = b"/usr/local/bin/containerd-shim-ms2m-v1\0-namespace\0ms2m\0-id\0abc\0-address\0/run/x.sock\0";
+        assert!(is_shim_cmdline_for(c, "abc"));
+        assert!(!is_shim_cmdline_for(c, "ab"));
+        assert!(!is_shim_cmdline_for(b"sleep\0-id\0abc\0", "abc"));
+    }
+
+    #[test]
+    fn stat_states() {
+        assert_eq!(proc_stat_state("123 (a) b) Z 1 2 3"), Some('Z'));
+        assert_eq!(proc_stat_state("1 (init) S 0"), Some('S'));
+        assert_eq!(proc_stat_state("garbage"), None);
     }
 
     #[test]
@@ -1051,14 +1215,14 @@ mod tests {
 
     #[test]
     fn timeout_kills_hung_command() {
-        let err = run_cmd(
-            Command::new("sleep").arg("5"),
-            Duration::from_millis(100),
-        )
-        .expect_err("must time out");
+        let err = run_cmd(Command::new("sleep").arg("5"), Duration::from_millis(100))
+            .expect_err("must time out");
         assert!(err.contains("did not finish"), "{err}");
-        let out = run_cmd(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(5))
-            .expect("runs");
+        let out = run_cmd(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(5),
+        )
+        .expect("runs");
         assert_eq!(out.code, Some(3));
         assert_eq!(out.stdout.trim(), "out");
         assert_eq!(out.stderr.trim(), "err");

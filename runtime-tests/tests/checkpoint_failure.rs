@@ -26,7 +26,10 @@ fn assert_survived(c: &Container, td: &TestDir, out: &CmdOut, before: u64) {
         "task not RUNNING after a failed checkpoint: {out}"
     );
     if let Some(state) = c.freezer_state() {
-        assert_eq!(state, "THAWED", "task left frozen after a failed checkpoint");
+        assert_eq!(
+            state, "THAWED",
+            "task left frozen after a failed checkpoint"
+        );
     }
     // Still counting, from where it was (not restarted).
     let now = c.wait_counter_above(before, T);
@@ -35,7 +38,10 @@ fn assert_survived(c: &Container, td: &TestDir, out: &CmdOut, before: u64) {
     // The shim is not wedged: the next checkpoint succeeds.
     let good = td.join("good");
     ctr(&["task", "checkpoint", "--image-path", path_str(&good), &c.id]).ok();
-    assert!(good.join("inventory.img").exists(), "no images after the retry");
+    assert!(
+        good.join("inventory.img").exists(),
+        "no images after the retry"
+    );
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     c.wait_counter_above(now, T);
 }

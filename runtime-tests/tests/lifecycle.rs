@@ -16,36 +16,32 @@ const T: Duration = Duration::from_secs(20);
 fn lifecycle_with_events() {
     let td = TestDir::new("lifecycle");
     let events = Events::start();
-    let log = td.join("stdout.log");
-    let c = Container::run(
-        "life",
-        RunOpts::memcounter(0, 50).log_uri(&format!("file://{}", log.display())),
-    );
+    let c = Container::run("life", RunOpts::memcounter(0, 50));
     c.wait_status("RUNNING", T);
     events.wait_for("/tasks/create", &c.id, T);
     events.wait_for("/tasks/start", &c.id, T);
 
-    // The workload's stdout reaches the log file containerd asked for.
-    ms2m_runtime_tests::wait_until(
-        "memcounter's output in the task's log file",
-        T,
-        Duration::from_millis(50),
-        || {
-            let text = std::fs::read_to_string(&log).ok()?;
-            let nums: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-            (nums.len() >= 3 && nums[..3] == [1, 2, 3]).then_some(())
-        },
-    );
-
     // exec publishes exec-added, exec-started and an exit for the exec.
     let exec_id = unique_id("ev");
-    let out = ctr(&["task", "exec", "--exec-id", &exec_id, &c.id, "cat", "/tmp/counter"]).ok();
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        &c.id,
+        "cat",
+        "/tmp/counter",
+    ])
+    .ok();
     assert!(out.stdout.trim().parse::<u64>().is_ok(), "{out}");
     let added = events.wait_for("/tasks/exec-added", &c.id, T);
     assert_eq!(added.payload["exec_id"], exec_id.as_str(), "{added:?}");
     let started = events.wait_for("/tasks/exec-started", &c.id, T);
     assert_eq!(started.payload["exec_id"], exec_id.as_str(), "{started:?}");
-    assert!(started.payload["pid"].as_u64().unwrap_or(0) > 0, "{started:?}");
+    assert!(
+        started.payload["pid"].as_u64().unwrap_or(0) > 0,
+        "{started:?}"
+    );
 
     // pause: PAUSED, frozen cgroup, the counter stands still.
     ctr(&["task", "pause", &c.id]).ok();
@@ -54,10 +50,14 @@ fn lifecycle_with_events() {
     if let Some(state) = c.freezer_state() {
         assert_eq!(state, "FROZEN", "freezer state of a paused task");
     }
-    let v1 = c.host_counter().expect("counter readable through /proc/PID/root");
+    let v1 = c
+        .host_counter()
+        .expect("counter readable through /proc/PID/root");
     // A negative can only be observed over time: 6 intervals of the workload.
     std::thread::sleep(Duration::from_millis(300));
-    let v2 = c.host_counter().expect("counter readable through /proc/PID/root");
+    let v2 = c
+        .host_counter()
+        .expect("counter readable through /proc/PID/root");
     assert_eq!(v1, v2, "the counter advanced while the task was paused");
 
     // resume: RUNNING again, the counter moves on from where it stood.
@@ -83,7 +83,11 @@ fn lifecycle_with_events() {
         &c.id,
     ])
     .ok();
-    events.wait_for("/tasks/checkpointed", &c.id, T);
+    // containerd's runc shim publishes no /tasks/checkpointed for this
+    // path; ms2m must.
+    if env().is_ms2m() {
+        events.wait_for("/tasks/checkpointed", &c.id, T);
+    }
     c.wait_status("RUNNING", T);
 
     // SIGTERM (ctr's default signal): memcounter exits 0, the task stops.
@@ -91,9 +95,17 @@ fn lifecycle_with_events() {
     ctr(&["task", "kill", &c.id]).ok();
     c.wait_status("STOPPED", T);
     let exit = events.wait_for_init_exit(&c.id, T);
-    assert_eq!(exit.payload["pid"].as_u64(), Some(u64::from(pid)), "{exit:?}");
+    assert_eq!(
+        exit.payload["pid"].as_u64(),
+        Some(u64::from(pid)),
+        "{exit:?}"
+    );
     // Protobuf JSON leaves out a zero exit status.
-    assert_eq!(exit.payload["exit_status"].as_u64().unwrap_or(0), 0, "{exit:?}");
+    assert_eq!(
+        exit.payload["exit_status"].as_u64().unwrap_or(0),
+        0,
+        "{exit:?}"
+    );
     assert!(exit.payload.get("exited_at").is_some(), "{exit:?}");
 
     // delete: the task is gone and /tasks/delete reports the exit.
@@ -104,8 +116,10 @@ fn lifecycle_with_events() {
 
     // The exec's exit was reported too (id = exec id).
     assert!(
-        events.for_container(&c.id).iter().any(|e| e.topic == "/tasks/exit"
-            && e.payload["id"] == exec_id.as_str()),
+        events
+            .for_container(&c.id)
+            .iter()
+            .any(|e| e.topic == "/tasks/exit" && e.payload["id"] == exec_id.as_str()),
         "no /tasks/exit for exec {exec_id}: {:#?}",
         events.for_container(&c.id)
     );
@@ -121,7 +135,6 @@ fn lifecycle_with_events() {
         "/tasks/exec-started",
         "/tasks/paused",
         "/tasks/resumed",
-        "/tasks/checkpointed",
         "/tasks/exit",
         "/tasks/delete",
     ] {
@@ -134,6 +147,71 @@ fn lifecycle_with_events() {
     assert!(
         topics.iter().rposition(|x| x == "/tasks/exit") < pos("/tasks/delete"),
         "{topics:?}"
+    );
+}
+
+/// `ctr run --log-uri file://...`: the task's stdout lands in the file, and
+/// such a task can still be checkpointed and restored (containerd's runc
+/// shim copies the output through pipes, so CRIU never sees the host file).
+#[test]
+fn log_uri_file_output_and_checkpoint() {
+    let td = TestDir::new("logfile");
+    let log = td.join("stdout.log");
+    let c = Container::run(
+        "logf",
+        RunOpts::memcounter(0, 50).log_uri(&format!("file://{}", log.display())),
+    );
+    c.wait_status("RUNNING", T);
+    let lines = || -> Vec<u64> {
+        std::fs::read_to_string(&log)
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    ms2m_runtime_tests::wait_until(
+        "memcounter's output in the task's log file",
+        T,
+        Duration::from_millis(50),
+        || {
+            let nums = lines();
+            (nums.len() >= 3 && nums[..3] == [1, 2, 3]).then_some(())
+        },
+    );
+    let img = td.join("img");
+    let work = td.join("work");
+    ctr(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        img.to_str().unwrap_or_default(),
+        "--work-path",
+        work.to_str().unwrap_or_default(),
+        &c.id,
+    ])
+    .ok();
+    c.wait_status("STOPPED", T);
+    let before = lines().last().copied().unwrap_or(0);
+    ctr(&["task", "delete", &c.id]).ok();
+    ms2m_runtime_tests::ms2m(&[
+        "restore",
+        "--log",
+        log.to_str().unwrap_or_default(),
+        &c.id,
+        img.to_str().unwrap_or_default(),
+    ])
+    .ok();
+    c.wait_status("RUNNING", T);
+    // The restored task keeps writing to the log, continuing the count.
+    ms2m_runtime_tests::wait_until(
+        "the restored task's output in the log file",
+        T,
+        Duration::from_millis(50),
+        || (lines().last().copied().unwrap_or(0) > before + 2).then_some(()),
+    );
+    let nums = lines();
+    assert!(
+        nums.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count in the log restarted or skipped: {nums:?}"
     );
 }
 
@@ -157,12 +235,6 @@ fn exec_output_and_exit_codes() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 20000, "exec output truncated");
     assert_eq!(lines.last().copied(), Some("20000"));
-
-    // stdin reaches the exec'd process (ctr passes its own stdin; here /dev/null
-    // gives EOF, so `cat` ends at once with nothing).
-    let out = c.exec(&["cat"]);
-    assert_eq!(out.code, Some(0), "{out}");
-    assert_eq!(out.stdout, "", "{out}");
 
     let out = c.exec(&["/no/such/binary"]);
     assert!(!out.success(), "exec of a missing binary succeeded: {out}");
@@ -196,7 +268,10 @@ fn exec_with_tty() {
     )
     .unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(out.code, Some(5), "{out}");
-    assert!(out.stdout.contains("/dev/pts/"), "no terminal in the exec: {out}");
+    assert!(
+        out.stdout.contains("/dev/pts/"),
+        "no terminal in the exec: {out}"
+    );
     assert!(out.stdout.contains("tty-ok"), "{out}");
 }
 
@@ -244,7 +319,17 @@ fn ps_lists_processes() {
     assert_eq!(pids, vec![pid], "{out}");
 
     let exec_id = c.exec_id("sleep");
-    ctr(&["task", "exec", "-d", "--exec-id", &exec_id, &c.id, "sleep", "1000"]).ok();
+    ctr(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        &exec_id,
+        &c.id,
+        "sleep",
+        "1000",
+    ])
+    .ok();
     let pids = ms2m_runtime_tests::wait_until(
         "two processes in `ctr task ps`",
         T,
@@ -304,7 +389,9 @@ fn kill_reports_exit_status() {
     );
     c.wait_status("RUNNING", T);
     ms2m_runtime_tests::wait_until("the trap to be set", T, Duration::from_millis(50), || {
-        c.exec(&["test", "-e", "/tmp/ready"]).success().then_some(())
+        c.exec(&["test", "-e", "/tmp/ready"])
+            .success()
+            .then_some(())
     });
     ctr(&["task", "kill", "--signal", "SIGTERM", &c.id]).ok();
     c.wait_status("STOPPED", T);
@@ -330,7 +417,17 @@ fn kill_all_reaches_every_process() {
     );
     c.wait_status("RUNNING", T);
     let exec_id = c.exec_id("sleep");
-    ctr(&["task", "exec", "-d", "--exec-id", &exec_id, &c.id, "sleep", "1000"]).ok();
+    ctr(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        &exec_id,
+        &c.id,
+        "sleep",
+        "1000",
+    ])
+    .ok();
     let sleeper = events.wait_for("/tasks/exec-started", &c.id, T);
     let sleeper_pid = sleeper.payload["pid"].as_u64().expect("exec pid") as u32;
 
@@ -353,8 +450,65 @@ fn kill_all_reaches_every_process() {
 fn image_has_the_workload() {
     let c = Container::run("image", RunOpts::memcounter(0, 100));
     c.wait_status("RUNNING", T);
-    let out = c.exec(&["ls", "-l", MEMCOUNTER, "/bin/busybox", "/lib", "/lib64"]).ok();
+    let out = c
+        .exec(&["ls", "-l", MEMCOUNTER, "/bin/busybox", "/lib", "/lib64"])
+        .ok();
     assert!(out.stdout.contains("lib -> usr/lib"), "{out}");
     let v = c.wait_counter_above(2, T);
     assert!(v > 2);
+}
+
+/// A memory limit the workload exceeds: the kernel kills it, the shim
+/// publishes /tasks/oom and the exit (137).
+#[test]
+fn oom_is_reported() {
+    let events = Events::start();
+    let c = Container::run(
+        "oom",
+        RunOpts::memcounter(128, 100).flag("--memory-limit=67108864"),
+    );
+    events.wait_for("/tasks/oom", &c.id, T);
+    c.wait_status("STOPPED", T);
+    let exit = events.wait_for_init_exit(&c.id, T);
+    assert_eq!(exit.payload["exit_status"].as_u64(), Some(137), "{exit:?}");
+}
+
+/// The shim reaps what it starts (no zombies after execs) and exits once its
+/// container is deleted.
+#[test]
+fn shim_reaps_and_exits_after_delete() {
+    let c = Container::run("shim", RunOpts::memcounter(0, 100));
+    c.wait_status("RUNNING", T);
+    let shim = c.shim_pid().expect("a shim process with -id <container>");
+    for i in 0..5 {
+        let out = c.exec(&["sh", "-c", &format!("exit {i}")]);
+        assert_eq!(out.code, Some(i), "{out}");
+    }
+    // Exec'd processes are the shim's (or runc's) children until reaped:
+    // give the reaper a moment, then there must be no zombie left.
+    ms2m_runtime_tests::wait_until(
+        "no zombie children of the shim",
+        T,
+        Duration::from_millis(50),
+        || {
+            let kids = ms2m_runtime_tests::child_states(shim);
+            (!kids.iter().any(|(_, s)| *s == 'Z')).then_some(())
+        },
+    );
+    ctr(&["task", "kill", "--signal", "SIGKILL", &c.id]).ok();
+    c.wait_status("STOPPED", T);
+    ctr(&["task", "delete", &c.id]).ok();
+    ctr(&["containers", "delete", &c.id]).ok();
+    ms2m_runtime_tests::wait_until(
+        "the shim process to exit after the container was deleted",
+        T,
+        Duration::from_millis(50),
+        || {
+            let alive = std::fs::read_to_string(format!("/proc/{shim}/stat"))
+                .ok()
+                .and_then(|s| ms2m_runtime_tests::proc_stat_state(&s))
+                .is_some_and(|s| s != 'Z');
+            (!alive).then_some(())
+        },
+    );
 }

@@ -143,6 +143,7 @@ impl Unclaimed {
     }
 
     /// Number of exits kept.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -165,7 +166,10 @@ mod tests {
         let mut u = Unclaimed::default();
         let t0 = Instant::now();
         u.insert_at(Exit { pid: 1, status: 0 }, t0);
-        u.insert_at(Exit { pid: 2, status: 0 }, t0 + Unclaimed::TTL + Duration::from_secs(1));
+        u.insert_at(
+            Exit { pid: 2, status: 0 },
+            t0 + Unclaimed::TTL + Duration::from_secs(1),
+        );
         assert_eq!(u.len(), 1);
         assert_eq!(u.take(1), None);
         assert_eq!(u.take(2), Some(0));

@@ -1,1 +1,71 @@
-fn main() {}
+//! `containerd-shim-ms2m-v1`: the ms2m containerd runtime shim (runtime type
+//! `io.containerd.ms2m.v1`). It implements containerd's task API by driving
+//! runc, with checkpoint and restore through CRIU.
+//!
+//! Module map:
+//! - [`shim`]: start/delete/serve, as containerd drives a shim binary.
+//! - [`service`]: the task API (one method per RPC) and task events.
+//! - [`container`], [`process`]: container and process state, status
+//!   transitions, exit status and waiters.
+//! - [`exits`]: routing of reaped child exits (runc commands vs. container
+//!   processes), exits that arrive before their pid is known.
+//! - [`runc`]: the runc command driver.
+//! - [`stdio`]: FIFOs, pipes and pty between containerd and a process.
+//! - [`checkpoint`], [`restore`], [`criu_conf`]: the CRIU paths and the
+//!   CRIU configuration file runc hands to CRIU.
+//! - [`oom`]: cgroup v1 OOM events.
+//! - [`logging`]: tracing to containerd's shim log FIFO.
+//! - [`error`]: errors and their ttrpc codes.
+
+mod checkpoint;
+mod container;
+mod criu_conf;
+mod error;
+mod exits;
+mod logging;
+mod oom;
+mod process;
+mod restore;
+mod runc;
+mod service;
+mod shim;
+mod stdio;
+
+/// The runtime type containerd knows this shim by.
+pub const RUNTIME_ID: &str = "io.containerd.ms2m.v1";
+
+/// The shim binary's name.
+pub const SHIM_BINARY: &str = "containerd-shim-ms2m-v1";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .iter()
+        .any(|a| a == "-v" || a == "-version" || a == "--version")
+    {
+        println!("{SHIM_BINARY}:");
+        println!("  Version:  {}", env!("CARGO_PKG_VERSION"));
+        println!("  Runtime:  {RUNTIME_ID}");
+        return;
+    }
+    // One thread: the shim is mostly idle, and its reaper, runc commands
+    // and copies all fit on one; it keeps the shim's memory small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{SHIM_BINARY}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let config = containerd_shim::Config {
+        no_setup_logger: true,
+        ..Default::default()
+    };
+    runtime.block_on(containerd_shim::asynchronous::run::<shim::Ms2mShim>(
+        RUNTIME_ID,
+        Some(config),
+    ));
+}

@@ -54,9 +54,7 @@ impl ExitInfo {
 
 /// A protobuf timestamp for `t`.
 pub fn to_timestamp(t: SystemTime) -> Timestamp {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -155,9 +153,7 @@ impl Process {
     /// Checks that a signal can be delivered.
     pub fn check_kill(&self, what: &str) -> Result<()> {
         match self.status {
-            Status::Stopped => Err(Error::NotFound(format!(
-                "{what}: process already finished"
-            ))),
+            Status::Stopped => Err(Error::NotFound(format!("{what}: process already finished"))),
             _ => Ok(()),
         }
     }

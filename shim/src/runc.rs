@@ -195,11 +195,6 @@ impl Runc {
         }
     }
 
-    /// The runc state directory (`--root`).
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// `runc create`.
     pub async fn create(
         &self,
@@ -334,12 +329,7 @@ impl Runc {
         self.run(
             "update",
             id,
-            vec![
-                "update".into(),
-                "--resources".into(),
-                "-".into(),
-                id.into(),
-            ],
+            vec!["update".into(), "--resources".into(), "-".into(), id.into()],
             CommandIo::Capture {
                 input: Some(resources_json),
             },
@@ -429,9 +419,9 @@ impl Runc {
         let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         let context = || format!("runc {what} of container {id}");
 
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::internal(format!("{}: start {}", context(), self.binary.display()), e))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::internal(format!("{}: start {}", context(), self.binary.display()), e)
+        })?;
         // Register before any await: the reaper runs on this same thread.
         let pid = child.id() as i32;
         let exited = ExitHub::global().register(pid);

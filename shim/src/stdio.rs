@@ -137,8 +137,8 @@ pub fn pipes(paths: &StdioPaths) -> Result<(ProcessStdio, ProcessIo)> {
                 *slot = Some(OwnedFd::from(f));
             }
             Target::Fifo(fifo) => {
-                let (r, w) =
-                    std::io::pipe().map_err(|e| Error::internal(format!("create {name} pipe"), e))?;
+                let (r, w) = std::io::pipe()
+                    .map_err(|e| Error::internal(format!("create {name} pipe"), e))?;
                 *slot = Some(OwnedFd::from(w));
                 let receiver = pipe::Receiver::from_owned_fd(OwnedFd::from(r))
                     .map_err(|e| Error::internal(ctx(name, path), e))?;
@@ -263,7 +263,9 @@ fn recv_fd(sock: RawFd) -> std::io::Result<RawFd> {
             }
         }
     }
-    Err(std::io::Error::other("no file descriptor in runc's message"))
+    Err(std::io::Error::other(
+        "no file descriptor in runc's message",
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# ms2m's whole test suite, from a fresh machine:
+#   1. hack/setup.sh: installs and builds everything (CRIU, containerd, runc,
+#      ms2m's shim and CLI in release mode), starts ms2m's containerd and
+#      imports the test image;
+#   2. unit tests of every crate (cargo test --workspace, integration tests
+#      of runtime-tests excluded);
+#   3. the integration tests in runtime-tests/ against the real containerd,
+#      with cargo-nextest when it is installed, else cargo test.
+# Prints a summary; exits non-zero if anything failed.
+#
+# Environment:
+#   MS2M_TEST_RUNTIMES   runtimes to run the integration tests with
+#                        (default "io.containerd.ms2m.v1"; add
+#                        "io.containerd.runc.v2" for the baseline)
+#   MS2M_SKIP_SETUP=1    do not run hack/setup.sh (it is idempotent, but this
+#                        saves its checks when iterating)
+set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+
+[ "$(id -u)" = 0 ] || die "the tests need root (containerd, runc, CRIU): run as root"
+cd "$MS2M_ROOT"
+
+: "${MS2M_TEST_RUNTIMES:=io.containerd.ms2m.v1}"
+SUITE_START=$(date +%s)
+SUMMARY=()
+FAILED=0
+
+# step NAME CMD...: runs CMD, records PASS/FAIL with its duration.
+step() {
+    local name="$1"; shift
+    local t0 rc
+    t0=$(date +%s)
+    log "$name"
+    "$@"
+    rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [ "$rc" = 0 ]; then
+        SUMMARY+=("PASS  ${name} (${dt}s)")
+    else
+        SUMMARY+=("FAIL  ${name} (${dt}s, exit $rc)")
+        FAILED=1
+    fi
+    return "$rc"
+}
+
+summary() {
+    local total=$(( $(date +%s) - SUITE_START ))
+    printf '\n==================== ms2m test summary ====================\n'
+    printf '%s\n' "${SUMMARY[@]}"
+    printf 'total: %ss\n' "$total"
+    if [ "$FAILED" = 0 ]; then
+        printf 'RESULT: PASS\n'
+    else
+        printf 'RESULT: FAIL\n'
+    fi
+}
+
+if [ "${MS2M_SKIP_SETUP:-0}" != 1 ]; then
+    if ! step "setup (hack/setup.sh)" "$MS2M_ROOT/hack/setup.sh"; then
+        summary
+        die "setup failed: nothing was tested"
+    fi
+fi
+
+# Leftovers of an interrupted earlier run would only take space.
+rm -rf /dev/shm/ms2m-tests
+
+# Unit tests: every crate, but only the pure part of runtime-tests (its
+# integration tests follow below, once per runtime).
+step "unit tests (cargo test --workspace)" \
+    cargo test --workspace --locked --exclude ms2m-runtime-tests
+step "unit tests (runtime-tests helpers)" \
+    cargo test --locked -p ms2m-runtime-tests --lib
+
+if cargo nextest --version >/dev/null 2>&1; then
+    RUNNER=(cargo nextest run --locked -p ms2m-runtime-tests --no-fail-fast --failure-output final)
+    RUNNER_NAME="cargo nextest"
+else
+    RUNNER=(cargo test --locked -p ms2m-runtime-tests --no-fail-fast --tests)
+    RUNNER_NAME="cargo test"
+fi
+
+for runtime in $MS2M_TEST_RUNTIMES; do
+    if ! MS2M_TEST_RUNTIME="$runtime" step "integration tests, runtime $runtime ($RUNNER_NAME)" "${RUNNER[@]}"; then
+        log "last lines of /var/log/ms2m/containerd.log:"
+        tail -n 60 /var/log/ms2m/containerd.log >&2 || true
+    fi
+done
+
+summary
+exit "$FAILED"

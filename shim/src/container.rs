@@ -1,0 +1,349 @@
+//! A container: its bundle, runc driver, init process and exec processes,
+//! and the preparation of a new one (runtime options, rootfs mounts, CRIU
+//! configuration annotation, stdio, `runc create`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_shim::mount::umount_recursive;
+use containerd_shim::util::{mkdir, mount_rootfs, write_options};
+use containerd_shim_protos::api::CreateTaskRequest;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim::oci::Options as RuncOptions;
+
+use crate::criu_conf;
+use crate::error::{Error, Result};
+use crate::process::Process;
+use crate::runc::{ProcessStdio, Runc};
+use crate::stdio::{self, ConsoleSocket, StdioPaths};
+
+/// Where runc keeps container state when the runtime options name no
+/// root: `<RUNC_ROOT>/<namespace>`.
+pub const RUNC_ROOT: &str = "/run/ms2m/runc";
+
+/// The type of containerd's runc runtime options.
+const RUNC_OPTIONS_TYPE: &str = "containerd.runc.v1.Options";
+
+/// A checkpoint a container is to be restored from at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSource {
+    /// CRIU images.
+    pub image_path: PathBuf,
+    /// CRIU work directory, if the runtime options name one.
+    pub work_path: Option<PathBuf>,
+    /// Parent images (incremental checkpoints).
+    pub parent_path: Option<PathBuf>,
+}
+
+/// A container managed by this shim.
+pub struct Container {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// `<bundle>/rootfs` when the shim mounted the rootfs.
+    pub rootfs: Option<PathBuf>,
+    /// runc, configured for this container.
+    pub runc: Runc,
+    /// containerd's runtime options for this container.
+    pub options: RuncOptions,
+    /// The CRIU configuration file the shim owns, if any.
+    pub criu_conf: Option<PathBuf>,
+    /// Set while the container waits to be restored from a checkpoint.
+    pub restore_from: Option<RestoreSource>,
+    /// The init process.
+    pub init: Process,
+    /// Exec processes by exec id.
+    pub execs: HashMap<String, Process>,
+    /// Serialises lifecycle operations (start, pause, checkpoint, ...).
+    pub op: Arc<tokio::sync::Mutex<()>>,
+    /// The OOM watcher, stopped on delete.
+    pub oom: Option<tokio::task::AbortHandle>,
+}
+
+impl Container {
+    /// The process `exec_id` (empty: init).
+    pub fn process(&self, exec_id: &str) -> Result<&Process> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("{}: no such process", self.describe(exec_id))))
+    }
+
+    /// The process `exec_id` (empty: init), mutably.
+    pub fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        let what = self.describe(exec_id);
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("{what}: no such process")))
+    }
+
+    /// The live process with host pid `pid`.
+    pub fn process_by_pid_mut(&mut self, pid: i32) -> Option<&mut Process> {
+        if pid <= 0 {
+            return None;
+        }
+        if self.init.pid == pid && self.init.exit.is_none() {
+            return Some(&mut self.init);
+        }
+        self.execs
+            .values_mut()
+            .find(|p| p.pid == pid && p.exit.is_none())
+    }
+
+    /// "container ID" or "exec E of container ID", for messages.
+    pub fn describe(&self, exec_id: &str) -> String {
+        describe(&self.id, exec_id)
+    }
+}
+
+/// "container ID" or "exec E of container ID", for messages.
+pub fn describe(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("container {id}")
+    } else {
+        format!("exec {exec_id} of container {id}")
+    }
+}
+
+/// Decodes containerd's runc runtime options; other option types are
+/// ignored (default options).
+pub fn parse_runc_options(any: Option<&Any>) -> Result<RuncOptions> {
+    let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
+        return Ok(RuncOptions::default());
+    };
+    if type_name(&any.type_url) != RUNC_OPTIONS_TYPE {
+        tracing::debug!(type_url = %any.type_url, "ignoring task options of another type");
+        return Ok(RuncOptions::default());
+    }
+    RuncOptions::parse_from_bytes(&any.value)
+        .map_err(|e| Error::InvalidArgument(format!("decode {RUNC_OPTIONS_TYPE}: {e}")))
+}
+
+/// The message name of a type URL (`type.googleapis.com/a.b.C` -> `a.b.C`).
+pub fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+/// runc's state directory for these options and namespace.
+pub fn runc_root(options: &RuncOptions, namespace: &str) -> PathBuf {
+    let base = if options.root.is_empty() {
+        RUNC_ROOT
+    } else {
+        options.root.as_str()
+    };
+    Path::new(base).join(namespace)
+}
+
+/// Reads a pid file runc wrote.
+pub fn read_pid(path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::internal(format!("read pid file {}", path.display()), e))?;
+    text.trim()
+        .parse::<i32>()
+        .map_err(|e| Error::internal(format!("parse pid file {}", path.display()), e))
+}
+
+/// The directory for console sockets (socket paths must stay short).
+pub fn console_socket_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+
+/// Prepares the bundle and creates the container with `runc create`, or,
+/// for a checkpoint, records where to restore it from at start.
+pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Container> {
+    let what = describe(&req.id, "");
+    let options = parse_runc_options(req.options.as_ref())?;
+    let bundle = PathBuf::from(&req.bundle);
+    write_options(&bundle, &options)
+        .await
+        .map_err(|e| Error::internal(format!("{what}: write runtime options"), e))?;
+
+    let rootfs = if req.rootfs.is_empty() {
+        None
+    } else {
+        let rootfs = bundle.join("rootfs");
+        mkdir(&rootfs, 0o711)
+            .await
+            .map_err(|e| Error::internal(format!("{what}: create rootfs directory"), e))?;
+        for m in &req.rootfs {
+            if let Err(e) = mount_rootfs(m, &rootfs).await {
+                unmount(&rootfs);
+                return Err(Error::internal(
+                    format!(
+                        "{what}: mount {} {} on {}",
+                        m.type_,
+                        m.source,
+                        rootfs.display()
+                    ),
+                    e,
+                ));
+            }
+        }
+        Some(rootfs)
+    };
+
+    let result = create_in_bundle(req, namespace, &bundle, options, rootfs.clone()).await;
+    if result.is_err() {
+        if let Some(r) = &rootfs {
+            unmount(r);
+        }
+    }
+    result
+}
+
+async fn create_in_bundle(
+    req: &CreateTaskRequest,
+    namespace: &str,
+    bundle: &Path,
+    options: RuncOptions,
+    rootfs: Option<PathBuf>,
+) -> Result<Container> {
+    let what = describe(&req.id, "");
+    let criu_conf = criu_conf::ensure_annotation(bundle)
+        .map_err(|e| Error::internal(format!("{what}: set up the CRIU configuration"), e))?;
+    let runc = Runc::new(
+        &options.binary_name,
+        &runc_root(&options, namespace),
+        bundle,
+        options.systemd_cgroup,
+    );
+    let stdio = StdioPaths {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+        terminal: req.terminal,
+    };
+    let mut init = Process::new("", stdio.clone());
+
+    let checkpoint = if req.checkpoint.is_empty() {
+        options.criu_image_path.clone()
+    } else {
+        req.checkpoint.clone()
+    };
+    let restore_from = if checkpoint.is_empty() {
+        let pid_file = bundle.join("init.pid");
+        let io = if req.terminal {
+            let socket = ConsoleSocket::new(&console_socket_dir())?;
+            runc.create(
+                &req.id,
+                bundle,
+                &pid_file,
+                Some(socket.path()),
+                options.no_pivot_root,
+                options.no_new_keyring,
+                ProcessStdio::default(),
+            )
+            .await?;
+            let master = socket.receive_master().await?;
+            stdio::attach_console(&stdio, master)?
+        } else {
+            let (child, io) = stdio::pipes(&stdio)?;
+            if let Err(e) = runc
+                .create(
+                    &req.id,
+                    bundle,
+                    &pid_file,
+                    None,
+                    options.no_pivot_root,
+                    options.no_new_keyring,
+                    child,
+                )
+                .await
+            {
+                io.tasks.abort().await;
+                return Err(e);
+            }
+            io
+        };
+        init.pid = read_pid(&pid_file)?;
+        init.io = Some(io);
+        None
+    } else {
+        Some(RestoreSource {
+            image_path: PathBuf::from(checkpoint),
+            work_path: Some(options.criu_work_path.clone())
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+            parent_path: Some(req.parent_checkpoint.clone())
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+        })
+    };
+
+    Ok(Container {
+        id: req.id.clone(),
+        bundle: bundle.to_path_buf(),
+        rootfs,
+        runc,
+        options,
+        criu_conf,
+        restore_from,
+        init,
+        execs: HashMap::new(),
+        op: Arc::new(tokio::sync::Mutex::new(())),
+        oom: None,
+    })
+}
+
+/// Unmounts everything at and below `rootfs`, logging failures.
+pub fn unmount(rootfs: &Path) {
+    if let Some(p) = rootfs.to_str() {
+        if let Err(e) = umount_recursive(Some(p), 0) {
+            tracing::warn!(rootfs = p, "unmount rootfs: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_of_other_types_are_ignored() {
+        let any = Any {
+            type_url: "io.containerd.something.Else".into(),
+            value: vec![1, 2, 3],
+            ..Default::default()
+        };
+        assert_eq!(
+            parse_runc_options(Some(&any)).unwrap(),
+            RuncOptions::default()
+        );
+        assert_eq!(parse_runc_options(None).unwrap(), RuncOptions::default());
+    }
+
+    #[test]
+    fn runc_options_are_decoded() {
+        let opts = RuncOptions {
+            criu_image_path: "/dev/shm/img".into(),
+            root: "/run/x".into(),
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: opts.write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        let got = parse_runc_options(Some(&any)).unwrap();
+        assert_eq!(got.criu_image_path, "/dev/shm/img");
+        assert_eq!(runc_root(&got, "ms2m"), PathBuf::from("/run/x/ms2m"));
+        assert_eq!(
+            runc_root(&RuncOptions::default(), "ms2m"),
+            PathBuf::from("/run/ms2m/runc/ms2m")
+        );
+        let bad = Any {
+            type_url: "type.googleapis.com/containerd.runc.v1.Options".into(),
+            value: vec![0xff, 0xff, 0xff],
+            ..Default::default()
+        };
+        assert!(parse_runc_options(Some(&bad)).is_err());
+    }
+}
