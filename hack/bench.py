@@ -232,6 +232,7 @@ class Events:
     def __init__(self):
         self.lock = threading.Lock()
         self.by_cid = {}  # cid -> [(topic, epoch seconds)]
+        self.raw = []     # the bench's own events, as ctr printed them
         self.proc = subprocess.Popen(["ctr", "--address", ADDRESS, "events"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -239,6 +240,9 @@ class Events:
 
     def _read(self):
         for line in self.proc.stdout:
+            if TOKEN in line:
+                with self.lock:
+                    self.raw.append(line)
             # 2026-11-28 01:52:52.145299663 +0000 UTC ms2m /tasks/paused {"container_id":"x"}
             f = line.rstrip("\n").split(" ", 6)
             if len(f) < 7 or f[4] != NAMESPACE or not f[5].startswith("/tasks/"):
@@ -268,13 +272,16 @@ class Events:
             time.sleep(0.05)
         return None
 
-    def stop(self):
+    def stop(self, save_to=None):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if save_to:
+            with self.lock, open(save_to, "w") as f:
+                f.writelines(self.raw)
 
 
 EVENTS = [None]
@@ -575,6 +582,14 @@ def measure_cli(runtime, mib, run_no, logdir):
             f.write("$ %s\n%s%s\n$ %s\n%s%s" % (" ".join(cmd1), out1, err1, " ".join(cmd2), out2, err2))
         after = verify_continued(cid, before, runtime, "ms2m restore")
         R.add(name, runtime, "s", round(dt, 4))
+        log_path = find_file("dump.log", d + "-work", d)
+        if log_path:
+            shutil.copy(log_path, os.path.join(logdir, "dump-exit-cli-%s-%dmib-run%d.log" % (runtime, mib, run_no)))
+        stats_path = find_file("stats-dump", d + "-work", d)
+        if stats_path:
+            st = read_dump_stats(stats_path)
+            if "frozen_time_us" in st:
+                R.add("exit_frozen_cli_ms_%dmib" % mib, runtime, "ms", st["frozen_time_us"] / 1000.0)
         log("cli    %-7s %3d MiB run %d: stop-and-copy %.3f s (%s; counter %d -> %d)"
             % (runtime, mib, run_no, dt, step_text(t0, steps), before, after))
     except BenchError as e:
@@ -591,7 +606,7 @@ PRIMARY = ["frozen_ms", "checkpoint_wall_s", "stop_and_copy_ctr_s", "stop_and_co
 
 def figure_order():
     names = []
-    for base in PRIMARY + ["paused_window_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "pages_written",
+    for base in PRIMARY + ["paused_window_ms", "exit_frozen_cli_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "pages_written",
                            "ctr_wrote_content_image"]:
         for mib in SIZES:
             names.append("%s_%dmib" % (base, mib))
@@ -860,7 +875,7 @@ def main():
         cleanup()
         return 130
     finally:
-        EVENTS[0].stop()
+        EVENTS[0].stop(os.path.join(logdir, "events.txt"))
         cleanup()
     meta["duration_s"] = round(time.monotonic() - t_begin, 1)
     end = machine_meta(stamp)

@@ -63,15 +63,11 @@ if [ "${MS2M_SKIP_SETUP:-0}" != 1 ]; then
     fi
 fi
 
-# Leftovers of an interrupted earlier run would only take space.
-rm -rf /dev/shm/ms2m-tests
-
-# Unit tests: every crate, but only the pure part of runtime-tests (its
-# integration tests follow below, once per runtime).
-step "unit tests (cargo test --workspace)" \
-    cargo test --workspace --locked --exclude ms2m-runtime-tests
-step "unit tests (runtime-tests helpers)" \
-    cargo test --locked -p ms2m-runtime-tests --lib
+# Leftovers of an interrupted earlier run (older than an hour, so a suite
+# running in parallel keeps its dirs) would only take space.
+if [ -d /dev/shm/ms2m-tests ]; then
+    find /dev/shm/ms2m-tests -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} + 2>/dev/null || true
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
     RUNNER=(cargo nextest run --locked -p ms2m-runtime-tests --no-fail-fast --failure-output final)
@@ -81,8 +77,41 @@ else
     RUNNER_NAME="cargo test"
 fi
 
+: "${MS2M_TEST_LOG_DIR:=${TMPDIR:-/tmp}}"
+
+# logged LOG CMD...: runs CMD with its output to the terminal and to LOG.
+logged() {
+    local out="$1"; shift
+    "$@" 2>&1 | tee "$out"
+}
+
+# list_failures LOG: adds the failed tests named in LOG to the summary
+# (nextest: "FAIL [ 0.5s] (3/9) crate::binary name"; cargo test:
+# "test name ... FAILED").
+list_failures() {
+    local name
+    while read -r name; do
+        [ -n "$name" ] && SUMMARY+=("        failed: $name")
+    done < <( { grep -E '^\s+FAIL \[' "$1" | sed -E 's/.*\) //'; \
+                grep -E '^test .* \.\.\. FAILED$' "$1" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/'; } | sort -u)
+}
+
+# Unit tests: every crate, but only the pure part of runtime-tests (its
+# integration tests follow below, once per runtime).
+out="$MS2M_TEST_LOG_DIR/ms2m-unit.log"
+step "unit tests (cargo test --workspace; log $out)" \
+    logged "$out" cargo test --workspace --locked --exclude ms2m-runtime-tests \
+    || list_failures "$out"
+out="$MS2M_TEST_LOG_DIR/ms2m-unit-runtime-tests.log"
+step "unit tests (runtime-tests helpers)" \
+    logged "$out" cargo test --locked -p ms2m-runtime-tests --lib \
+    || list_failures "$out"
+
 for runtime in $MS2M_TEST_RUNTIMES; do
-    if ! MS2M_TEST_RUNTIME="$runtime" step "integration tests, runtime $runtime ($RUNNER_NAME)" "${RUNNER[@]}"; then
+    out="$MS2M_TEST_LOG_DIR/ms2m-integration-${runtime//[^A-Za-z0-9.-]/_}.log"
+    if ! MS2M_TEST_RUNTIME="$runtime" step "integration tests, runtime $runtime ($RUNNER_NAME; log $out)" \
+        logged "$out" "${RUNNER[@]}"; then
+        list_failures "$out"
         log "last lines of /var/log/ms2m/containerd.log:"
         tail -n 60 /var/log/ms2m/containerd.log >&2 || true
     fi

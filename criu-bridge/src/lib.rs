@@ -10,6 +10,8 @@
 //!   callbacks and the frozen-window (`post-dump`) hook.
 //! - [`features`]: what this kernel and CRIU can do (detected once).
 //! - [`strategy`]: which checkpoint strategy to use, and why.
+//! - [`container`]: dumping a runc container directly (restorable by
+//!   `runc restore`), with the options that shorten its freeze.
 //! - [`config`]: CRIU configuration files (runc hands them to CRIU through
 //!   the `org.criu.config` annotation) and the choices behind them, such as
 //!   whether a network lock is needed at all.
@@ -18,6 +20,7 @@
 //! CLI uses it to show what a checkpoint contains.
 
 pub mod config;
+pub mod container;
 pub mod criu;
 mod error;
 pub mod features;

@@ -716,6 +716,42 @@ impl Container {
         })
     }
 
+    /// `ctr task checkpoint ARGS... ID`.
+    ///
+    /// ctr (2.1) records every `ctr task checkpoint` of a runtime other than
+    /// `io.containerd.runc.v2` as an image named
+    /// `containerd.io/checkpoint/ID:MM-DD-YYYY-HH:MM:SS`, so a second
+    /// checkpoint of the same container within the same second fails in ctr
+    /// itself ("already exists"), whatever the shim does. This waits for the
+    /// next wall-clock second when needed.
+    pub fn ctr_checkpoint(&self, args: &[&str]) -> CmdOut {
+        static LAST: Mutex<Vec<(String, u64)>> = Mutex::new(Vec::new());
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let last = LAST
+            .lock()
+            .ok()
+            .and_then(|l| l.iter().find(|(id, _)| *id == self.id).map(|(_, t)| *t));
+        if let Some(last) = last {
+            while now() <= last {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut a = vec!["task", "checkpoint"];
+        a.extend_from_slice(args);
+        a.push(&self.id);
+        let out = ctr(&a);
+        if let Ok(mut l) = LAST.lock() {
+            l.retain(|(id, _)| *id != self.id);
+            l.push((self.id.clone(), now()));
+        }
+        out
+    }
+
     /// Kills (SIGKILL, all processes) and deletes the task, keeps the container.
     pub fn kill_and_delete_task(&self) {
         if self.task().is_none() {

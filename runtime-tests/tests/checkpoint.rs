@@ -77,17 +77,21 @@ fn check_manifest(img: &Path, work: Option<&Path>, id: &str, exit: bool) -> Opti
         img,
         "options.image_path: {m:#?}"
     );
+    let stats = m
+        .stats
+        .as_ref()
+        .unwrap_or_else(|| panic!("no stats: {m:#?}"));
     if let Some(w) = work {
         assert_eq!(
             m.options.work_path.as_deref().map(Path::new),
             Some(w),
             "options.work_path: {m:#?}"
         );
+        // The manifest's statistics are CRIU's own, from stats-dump.
+        let criu = criu_bridge::stats::read_dump_stats(w)
+            .unwrap_or_else(|e| panic!("reading CRIU's stats-dump in {}: {e}", w.display()));
+        assert_eq!(*stats, criu, "manifest stats differ from CRIU's stats-dump");
     }
-    let stats = m
-        .stats
-        .as_ref()
-        .unwrap_or_else(|| panic!("no stats: {m:#?}"));
     assert!(stats.frozen_time_us > 0, "frozen_time_us: {m:#?}");
     assert!(stats.pages_written > 0, "pages_written: {m:#?}");
     assert!(stats.frozen_time_us >= stats.freezing_time_us, "{m:#?}");
@@ -120,16 +124,14 @@ fn checkpoint_leave_running() {
     let c = counting("leave", 0, 50, 5);
     let img = td.join("img");
     let work = td.join("work");
-    let out = ctr(&[
-        "task",
-        "checkpoint",
-        "--image-path",
-        path_str(&img),
-        "--work-path",
-        path_str(&work),
-        &c.id,
-    ])
-    .ok();
+    let out = c
+        .ctr_checkpoint(&[
+            "--image-path",
+            path_str(&img),
+            "--work-path",
+            path_str(&work),
+        ])
+        .ok();
     // Still running, still counting, not frozen.
     assert_eq!(c.status().as_deref(), Some("RUNNING"), "{out}");
     if let Some(state) = c.freezer_state() {
@@ -146,29 +148,8 @@ fn checkpoint_leave_running() {
     check_manifest(&img, Some(&work), &c.id, false);
 
     // A second checkpoint of the same task into another dir works too.
-    // ctr (2.1) records every `ctr task checkpoint` of a runtime other than
-    // io.containerd.runc.v2 as an image named
-    // containerd.io/checkpoint/ID:MM-DD-YYYY-HH:MM:SS, so a second one within
-    // the same second fails with "already exists" in ctr itself, whatever the
-    // shim does. Wait for the next second.
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    ms2m_runtime_tests::wait_until(
-        "the next wall-clock second",
-        Duration::from_secs(3),
-        Duration::from_millis(20),
-        || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            (now > t0).then_some(())
-        },
-    );
     let img2 = td.join("img2");
-    ctr(&["task", "checkpoint", "--image-path", path_str(&img2), &c.id]).ok();
+    c.ctr_checkpoint(&["--image-path", path_str(&img2)]).ok();
     assert_criu_images(&img2);
     check_manifest(&img2, None, &c.id, false);
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
@@ -181,17 +162,15 @@ fn exit_checkpoint_then_ms2m_restore() {
     let img = td.join("img");
     let work = td.join("work");
     let before = c.counter();
-    let out = ctr(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        path_str(&img),
-        "--work-path",
-        path_str(&work),
-        &c.id,
-    ])
-    .ok();
+    let out = c
+        .ctr_checkpoint(&[
+            "--exit",
+            "--image-path",
+            path_str(&img),
+            "--work-path",
+            path_str(&work),
+        ])
+        .ok();
     // The task stopped.
     c.wait_status("STOPPED", T);
     assert_criu_images(&img);
@@ -310,15 +289,8 @@ fn same_image_dir_restored_twice() {
     let c = counting("dtwice", 0, 50, 30);
     let img = td.join("img");
     let before = c.counter();
-    ctr(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        path_str(&img),
-        &c.id,
-    ])
-    .ok();
+    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
+        .ok();
     c.wait_status("STOPPED", T);
     ctr(&["task", "delete", &c.id]).ok();
     for _ in 0..2 {
@@ -337,15 +309,12 @@ fn large_256mib_checkpoint_and_restore() {
     let img = td.join("img");
     let work = td.join("work");
     let before = c.counter();
-    ctr(&[
-        "task",
-        "checkpoint",
+    c.ctr_checkpoint(&[
         "--exit",
         "--image-path",
         path_str(&img),
         "--work-path",
         path_str(&work),
-        &c.id,
     ])
     .ok();
     c.wait_status("STOPPED", T);
@@ -375,15 +344,8 @@ fn restored_task_lifecycle() {
     let c = counting("rlife", 0, 50, 10);
     let img = td.join("img");
     let before = c.counter();
-    ctr(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        path_str(&img),
-        &c.id,
-    ])
-    .ok();
+    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
+        .ok();
     c.wait_status("STOPPED", T);
     ctr(&["task", "delete", &c.id]).ok();
     ms2m(&["restore", &c.id, path_str(&img)]).ok();
@@ -441,15 +403,12 @@ fn restored_task_can_be_checkpointed_again() {
     for gen in 0..2 {
         let img = td.join(&format!("img{gen}"));
         let work = td.join(&format!("work{gen}"));
-        ctr(&[
-            "task",
-            "checkpoint",
+        c.ctr_checkpoint(&[
             "--exit",
             "--image-path",
             path_str(&img),
             "--work-path",
             path_str(&work),
-            &c.id,
         ])
         .ok();
         c.wait_status("STOPPED", T);
@@ -469,15 +428,8 @@ fn corrupted_checkpoint_restore_fails_cleanly() {
     let c = counting("corrupt", 0, 50, 10);
     let img = td.join("img");
     let before = c.counter();
-    ctr(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        path_str(&img),
-        &c.id,
-    ])
-    .ok();
+    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
+        .ok();
     c.wait_status("STOPPED", T);
     ctr(&["task", "delete", &c.id]).ok();
 
@@ -530,4 +482,48 @@ fn content_store_rw_layer_restored() {
     assert_continues(&restored, before);
     let out = restored.exec(&["cat", "/root/marker"]).ok();
     assert_eq!(out.stdout.trim(), "rw-marker", "{out}");
+}
+
+/// Content store chain: checkpoint, restore under a new id, checkpoint the
+/// restored task, restore again: the count carries through.
+#[test]
+fn content_store_restored_task_checkpointed_again() {
+    let c = counting("cschain", 0, 50, 10);
+    let mut before = c.counter();
+    let mut current = c;
+    for gen in 0..2 {
+        let r = ImageRef::unique(&format!("cschain{gen}"));
+        ctr(&["containers", "checkpoint", "--task", &current.id, &r.name]).ok();
+        current.kill_and_delete_task();
+        drop(current);
+        let next = Container::adopt(&ms2m_runtime_tests::unique_id(&format!("cschain-r{gen}")));
+        ctr(&["containers", "restore", "--live", &next.id, &r.name]).ok();
+        let first = assert_continues(&next, before);
+        before = next.wait_counter_above(first + 5, T);
+        current = next;
+    }
+}
+
+/// A leave-running checkpoint of a paused task leaves it paused (the user
+/// paused it), and it resumes and counts on afterwards.
+#[test]
+fn checkpoint_of_paused_task_keeps_it_paused() {
+    let td = TestDir::new("ck-paused");
+    let c = counting("paused", 0, 50, 5);
+    ctr(&["task", "pause", &c.id]).ok();
+    c.wait_status("PAUSED", T);
+    let img = td.join("img");
+    c.ctr_checkpoint(&["--image-path", path_str(&img)]).ok();
+    assert_criu_images(&img);
+    assert_eq!(c.status().as_deref(), Some("PAUSED"));
+    if let Some(state) = c.freezer_state() {
+        assert_eq!(
+            state, "FROZEN",
+            "a paused task was thawed by the checkpoint"
+        );
+    }
+    let v = c.host_counter().expect("counter through /proc/PID/root");
+    ctr(&["task", "resume", &c.id]).ok();
+    c.wait_status("RUNNING", T);
+    c.wait_counter_above(v, T);
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ms2m_runtime_tests::{ctr, mount_readonly_tmpfs, CmdOut, Container, RunOpts, TestDir};
+use ms2m_runtime_tests::{mount_readonly_tmpfs, CmdOut, Container, RunOpts, TestDir};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -37,7 +37,7 @@ fn assert_survived(c: &Container, td: &TestDir, out: &CmdOut, before: u64) {
 
     // The shim is not wedged: the next checkpoint succeeds.
     let good = td.join("good");
-    ctr(&["task", "checkpoint", "--image-path", path_str(&good), &c.id]).ok();
+    c.ctr_checkpoint(&["--image-path", path_str(&good)]).ok();
     assert!(
         good.join("inventory.img").exists(),
         "no images after the retry"
@@ -55,7 +55,7 @@ fn checkpoint_to_path_under_a_regular_file_fails_and_task_keeps_running() {
     let file = td.join("a-file");
     std::fs::write(&file, b"not a directory").expect("writing the blocking file");
     let bad = file.join("img");
-    let out = ctr(&["task", "checkpoint", "--image-path", path_str(&bad), &c.id]);
+    let out = c.ctr_checkpoint(&["--image-path", path_str(&bad)]);
     assert_survived(&c, &td, &out, before);
 }
 
@@ -70,14 +70,11 @@ fn checkpoint_to_readonly_tmpfs_fails_and_task_keeps_running() {
     let ro = td.join("ro");
     mount_readonly_tmpfs(&td, &ro);
     let work = td.join("work");
-    let out = ctr(&[
-        "task",
-        "checkpoint",
+    let out = c.ctr_checkpoint(&[
         "--image-path",
         path_str(&ro),
         "--work-path",
         path_str(&work),
-        &c.id,
     ]);
     assert_survived(&c, &td, &out, before);
 }
@@ -92,15 +89,12 @@ fn exit_checkpoint_failure_leaves_task_running() {
     mount_readonly_tmpfs(&td, &ro);
     let work = td.join("work");
     // Even with --exit, a failed dump must not kill the task.
-    let out = ctr(&[
-        "task",
-        "checkpoint",
+    let out = c.ctr_checkpoint(&[
         "--exit",
         "--image-path",
         path_str(&ro),
         "--work-path",
         path_str(&work),
-        &c.id,
     ]);
     assert_survived(&c, &td, &out, before);
 }

@@ -73,14 +73,11 @@ fn lifecycle_with_events() {
     // A leave-running checkpoint publishes /tasks/checkpointed.
     let img = td.join("img");
     let work = td.join("work");
-    ctr(&[
-        "task",
-        "checkpoint",
+    c.ctr_checkpoint(&[
         "--image-path",
         img.to_str().unwrap_or_default(),
         "--work-path",
         work.to_str().unwrap_or_default(),
-        &c.id,
     ])
     .ok();
     // containerd's runc shim publishes no /tasks/checkpointed for this
@@ -111,8 +108,14 @@ fn lifecycle_with_events() {
     // delete: the task is gone and /tasks/delete reports the exit.
     let out = ctr(&["task", "delete", &c.id]).ok();
     assert!(c.task().is_none(), "task still listed after delete: {out}");
-    let del = events.wait_for("/tasks/delete", &c.id, T);
-    assert_eq!(del.payload["pid"].as_u64(), Some(u64::from(pid)), "{del:?}");
+    // containerd's runc shim sometimes loses its /tasks/delete (it exits
+    // right after the delete, racing its event forwarder: seen once in eight
+    // runs here); ms2m's shim must always deliver it.
+    let must_delete = env().is_ms2m();
+    if must_delete {
+        let del = events.wait_for("/tasks/delete", &c.id, T);
+        assert_eq!(del.payload["pid"].as_u64(), Some(u64::from(pid)), "{del:?}");
+    }
 
     // The exec's exit was reported too (id = exec id).
     assert!(
@@ -136,7 +139,6 @@ fn lifecycle_with_events() {
         "/tasks/paused",
         "/tasks/resumed",
         "/tasks/exit",
-        "/tasks/delete",
     ] {
         assert!(topics.iter().any(|x| x == t), "missing {t} in {topics:?}");
     }
@@ -144,10 +146,12 @@ fn lifecycle_with_events() {
     let pos = |t: &str| topics.iter().position(|x| x == t);
     assert!(pos("/tasks/create") < pos("/tasks/start"), "{topics:?}");
     assert!(pos("/tasks/paused") < pos("/tasks/resumed"), "{topics:?}");
-    assert!(
-        topics.iter().rposition(|x| x == "/tasks/exit") < pos("/tasks/delete"),
-        "{topics:?}"
-    );
+    if must_delete {
+        assert!(
+            topics.iter().rposition(|x| x == "/tasks/exit") < pos("/tasks/delete"),
+            "{topics:?}"
+        );
+    }
 }
 
 /// `ctr run --log-uri file://...`: the task's stdout lands in the file, and
@@ -178,15 +182,12 @@ fn log_uri_file_output_and_checkpoint() {
     );
     let img = td.join("img");
     let work = td.join("work");
-    ctr(&[
-        "task",
-        "checkpoint",
+    c.ctr_checkpoint(&[
         "--exit",
         "--image-path",
         img.to_str().unwrap_or_default(),
         "--work-path",
         work.to_str().unwrap_or_default(),
-        &c.id,
     ])
     .ok();
     c.wait_status("STOPPED", T);
@@ -511,4 +512,57 @@ fn shim_reaps_and_exits_after_delete() {
             (!alive).then_some(())
         },
     );
+}
+
+/// `ctr run -t` in the foreground: the init process has a terminal, output
+/// comes through it, the exit code is ctr's.
+#[test]
+fn foreground_run_with_tty() {
+    let script = ms2m_runtime_tests::which("script")
+        .expect("`script` (util-linux/bsdutils) is needed to give ctr a terminal");
+    let e = env();
+    let id = unique_id("fgtty");
+    let _guard = Container::adopt(&id);
+    let cmdline = format!(
+        "{} --address {} --namespace {} run --rm -t --runtime {} {} {} sh -c 'tty; echo tty-run-ok; exit 3'",
+        e.ctr.display(),
+        e.address,
+        e.namespace,
+        e.runtime,
+        e.image,
+        id
+    );
+    let out = run_cmd(
+        std::process::Command::new(script).args(["-qec", &cmdline, "/dev/null"]),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(out.stdout.contains("/dev/pts/"), "no terminal: {out}");
+    assert!(out.stdout.contains("tty-run-ok"), "{out}");
+}
+
+/// Many execs at once: each reports its own exit code and output (no exit
+/// lost or given to the wrong process).
+#[test]
+fn concurrent_execs_keep_their_exit_codes() {
+    let c = Container::run("conc", RunOpts::memcounter(0, 100));
+    c.wait_status("RUNNING", T);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let c = &c;
+                s.spawn(move || {
+                    let script = format!("echo out-{i}; sleep 0.{}; exit {}", i % 3, i + 10);
+                    (i, c.exec(&["sh", "-c", &script]))
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, out) = h.join().expect("exec thread");
+            assert_eq!(out.code, Some(i + 10), "exec {i}: {out}");
+            assert_eq!(out.stdout.trim(), format!("out-{i}"), "exec {i}: {out}");
+        }
+    });
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
 }
