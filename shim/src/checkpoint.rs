@@ -156,10 +156,18 @@ pub async fn checkpoint(
     let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
 
     if let Err(e) = dumped {
+        let criu_errors = std::fs::read_to_string(work_path.join("dump.log"))
+            .map(|log| criu_errors(&log))
+            .unwrap_or_default();
         let log = keep_dump_log(&work_path, image_path, &target.bundle);
         let state = ensure_running(target).await;
         return Err(Error::Internal(format!(
-            "{what} failed: {e}{}{state}",
+            "{what} failed: {e}{}{}{state}",
+            if criu_errors.is_empty() {
+                String::new()
+            } else {
+                format!("; CRIU: {criu_errors}")
+            },
             log.map(|l| format!("; CRIU log: {}", l.display()))
                 .unwrap_or_default()
         )));
@@ -206,6 +214,16 @@ pub async fn checkpoint(
         tracing::info!(id = %id, "CRIU dump: {}", describe_dump(s));
     }
     Ok(m)
+}
+
+/// The last error lines of a CRIU log, joined (at most three).
+pub fn criu_errors(log: &str) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .map(str::trim)
+        .collect();
+    errors[errors.len().saturating_sub(3)..].join(" | ")
 }
 
 /// runc's version, asked once per shim.
@@ -308,6 +326,18 @@ mod tests {
             plan_network_lock(&Err(std::io::Error::other("gone"))).0,
             None
         );
+    }
+
+    #[test]
+    fn picks_criu_errors() {
+        let log = "(00.1) info\n(00.2) Error (criu/image.c:1): can't write: No space left\n\
+                   (00.3) Error (criu/cr-dump.c:2): Dumping failed\n(00.4) Unfreezing tasks\n";
+        assert_eq!(
+            criu_errors(log),
+            "(00.2) Error (criu/image.c:1): can't write: No space left | \
+             (00.3) Error (criu/cr-dump.c:2): Dumping failed"
+        );
+        assert_eq!(criu_errors("all fine\n"), "");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use containerd_shim_protos::shim::oci::Options as RuncOptions;
 use crate::criu_conf;
 use crate::error::{Error, Result};
 use crate::process::Process;
-use crate::runc::{ProcessStdio, Runc};
+use crate::runc::{CreateArgs, ProcessStdio, Runc};
 use crate::stdio::{self, ConsoleSocket, StdioPaths};
 
 /// Where runc keeps container state when the runtime options name no
@@ -230,34 +230,22 @@ async fn create_in_bundle(
     };
     let restore_from = if checkpoint.is_empty() {
         let pid_file = bundle.join("init.pid");
+        let mut args = CreateArgs {
+            bundle: bundle.to_path_buf(),
+            pid_file: pid_file.clone(),
+            console_socket: None,
+            no_pivot: options.no_pivot_root,
+            no_new_keyring: options.no_new_keyring,
+        };
         let io = if req.terminal {
             let socket = ConsoleSocket::new(&console_socket_dir())?;
-            runc.create(
-                &req.id,
-                bundle,
-                &pid_file,
-                Some(socket.path()),
-                options.no_pivot_root,
-                options.no_new_keyring,
-                ProcessStdio::default(),
-            )
-            .await?;
+            args.console_socket = Some(socket.path().to_path_buf());
+            runc.create(&req.id, &args, ProcessStdio::default()).await?;
             let master = socket.receive_master().await?;
             stdio::attach_console(&stdio, master)?
         } else {
             let (child, io) = stdio::pipes(&stdio)?;
-            if let Err(e) = runc
-                .create(
-                    &req.id,
-                    bundle,
-                    &pid_file,
-                    None,
-                    options.no_pivot_root,
-                    options.no_new_keyring,
-                    child,
-                )
-                .await
-            {
+            if let Err(e) = runc.create(&req.id, &args, child).await {
                 io.tasks.abort().await;
                 return Err(e);
             }

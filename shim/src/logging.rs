@@ -5,6 +5,9 @@
 //! `tracing`.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use std::sync::Mutex;
 
 use tracing::level_filters::LevelFilter;
@@ -20,10 +23,24 @@ pub fn init_server(debug: bool) {
     } else {
         LevelFilter::INFO
     };
-    match OpenOptions::new().write(true).open(LOG_FIFO) {
+    match open_fifo() {
         Ok(fifo) => init(level, Mutex::new(fifo)),
         Err(_) => init(level, std::io::stderr),
     }
+}
+
+/// Opens the log FIFO for writing without hanging when nobody reads it
+/// (ENXIO then), and makes writes blocking again afterwards so no record
+/// is dropped while containerd catches up.
+fn open_fifo() -> std::io::Result<std::fs::File> {
+    let fifo = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(LOG_FIFO)?;
+    let flags = fcntl(&fifo, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_retain(flags) & !OFlag::O_NONBLOCK;
+    fcntl(&fifo, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+    Ok(fifo)
 }
 
 /// Sets up logging to stderr (the `start` and `delete` actions, whose

@@ -83,6 +83,8 @@ pub struct Process {
     pub starting: bool,
     /// An exit that arrived while starting.
     pub deferred_exit: Option<i32>,
+    /// containerd closed stdin (possibly before the process started).
+    pub stdin_closed: bool,
     exited: watch::Sender<Option<ExitInfo>>,
 }
 
@@ -99,6 +101,7 @@ impl Process {
             spec: None,
             starting: false,
             deferred_exit: None,
+            stdin_closed: false,
             exited: watch::channel(None).0,
         }
     }

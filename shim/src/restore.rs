@@ -11,6 +11,7 @@ use criu_bridge::config::CriuConfig;
 use criu_bridge::manifest::{describe_restore, Manifest};
 use criu_bridge::stats::read_restore_stats;
 
+use crate::checkpoint::criu_errors;
 use crate::container::{console_socket_dir, read_pid, RestoreSource};
 use crate::criu_conf;
 use crate::error::{Error, Result};
@@ -140,9 +141,16 @@ pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, 
 /// Adds where CRIU's restore log is to a restore error.
 fn with_log(e: Error, work: &Path) -> Error {
     let log: PathBuf = work.join("restore.log");
-    if log.exists() {
-        Error::Internal(format!("{e}; CRIU log: {}", log.display()))
-    } else {
-        e
+    match std::fs::read_to_string(&log) {
+        Ok(text) => {
+            let errors = criu_errors(&text);
+            let errors = if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; CRIU: {errors}")
+            };
+            Error::Internal(format!("{e}{errors}; CRIU log: {}", log.display()))
+        }
+        Err(_) => e,
     }
 }

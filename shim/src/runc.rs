@@ -44,6 +44,21 @@ struct Output {
     stdout: Vec<u8>,
 }
 
+/// Options of `runc create`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateArgs {
+    /// `--bundle`.
+    pub bundle: PathBuf,
+    /// `--pid-file`.
+    pub pid_file: PathBuf,
+    /// `--console-socket`.
+    pub console_socket: Option<PathBuf>,
+    /// `--no-pivot`.
+    pub no_pivot: bool,
+    /// `--no-new-keyring`.
+    pub no_new_keyring: bool,
+}
+
 /// Options of `runc checkpoint`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckpointArgs {
@@ -196,31 +211,22 @@ impl Runc {
     }
 
     /// `runc create`.
-    pub async fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        pid_file: &Path,
-        console_socket: Option<&Path>,
-        no_pivot: bool,
-        no_new_keyring: bool,
-        stdio: ProcessStdio,
-    ) -> Result<()> {
+    pub async fn create(&self, id: &str, args: &CreateArgs, stdio: ProcessStdio) -> Result<()> {
         let mut a: Vec<OsString> = vec![
             "create".into(),
             "--bundle".into(),
-            bundle.into(),
+            args.bundle.clone().into(),
             "--pid-file".into(),
-            pid_file.into(),
+            args.pid_file.clone().into(),
         ];
-        if let Some(s) = console_socket {
+        if let Some(s) = &args.console_socket {
             a.push("--console-socket".into());
-            a.push(s.into());
+            a.push(s.clone().into());
         }
-        if no_pivot {
+        if args.no_pivot {
             a.push("--no-pivot".into());
         }
-        if no_new_keyring {
+        if args.no_new_keyring {
             a.push("--no-new-keyring".into());
         }
         a.push(id.into());
@@ -432,9 +438,9 @@ impl Runc {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         if capture {
-            let out = child.stdout.take().map(|s| OwnedFd::from(s));
-            let err = child.stderr.take().map(|s| OwnedFd::from(s));
-            let inp = child.stdin.take().map(|s| OwnedFd::from(s));
+            let out = child.stdout.take().map(OwnedFd::from);
+            let err = child.stderr.take().map(OwnedFd::from);
+            let inp = child.stdin.take().map(OwnedFd::from);
             let feed = async {
                 if let (Some(fd), Some(data)) = (inp, input) {
                     if let Ok(mut w) = pipe::Sender::from_owned_fd(fd) {
@@ -459,7 +465,8 @@ impl Runc {
             }
         };
         if status != 0 {
-            let detail = error_detail(&stderr, &self.log, log_offset);
+            // One line: the message ends up in containerd's line-based log.
+            let detail = error_detail(&stderr, &self.log, log_offset).replace('\n', "; ");
             return Err(Error::Internal(format!(
                 "{} failed (exit status {status}): {detail}",
                 context()

@@ -111,7 +111,7 @@ where
     let span = tracing::info_span!("task", op, id, exec_id);
     let started = Instant::now();
     let result = fut.instrument(span.clone()).await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     let _entered = span.enter();
     match &result {
         Ok(_) if quiet => tracing::debug!(elapsed_ms, "{op} done"),
@@ -335,6 +335,9 @@ impl Inner {
                 Ok(restored) => {
                     if let Some((pid, io)) = restored {
                         c.init.pid = pid;
+                        if c.init.stdin_closed {
+                            io.close_stdin();
+                        }
                         c.init.io = Some(io);
                         c.restore_from = None;
                         if let Some(s) = unclaimed.take(pid) {
@@ -427,6 +430,9 @@ impl Inner {
             match result {
                 Ok((pid, io)) => {
                     p.pid = pid;
+                    if p.stdin_closed {
+                        io.close_stdin();
+                    }
                     p.io = Some(io);
                     p.status = Status::Running;
                     if let Some(s) = unclaimed.take(pid) {
@@ -874,9 +880,11 @@ impl Inner {
     }
 
     async fn close_io(&self, req: api::CloseIORequest) -> Result<()> {
-        let st = self.state.lock().await;
-        let p = st.get(&req.id)?.process(&req.exec_id)?;
+        let mut st = self.state.lock().await;
+        let p = st.get_mut(&req.id)?.process_mut(&req.exec_id)?;
         if req.stdin {
+            // Before start there are no copies yet: remembered for then.
+            p.stdin_closed = true;
             if let Some(io) = &p.io {
                 io.close_stdin();
             }
