@@ -134,7 +134,21 @@ pub fn pipes(paths: &StdioPaths) -> Result<(ProcessStdio, ProcessIo)> {
                     .mode(0o640)
                     .open(&file)
                     .map_err(|e| Error::internal(ctx(name, path), e))?;
-                *slot = Some(OwnedFd::from(f));
+                // The process gets a pipe, not the file: CRIU cannot dump a
+                // descriptor of a host file outside the container's mounts,
+                // so a file given directly would make every checkpoint fail.
+                let (r, w) = std::io::pipe()
+                    .map_err(|e| Error::internal(format!("create {name} pipe"), e))?;
+                *slot = Some(OwnedFd::from(w));
+                let mut receiver = pipe::Receiver::from_owned_fd(OwnedFd::from(r))
+                    .map_err(|e| Error::internal(ctx(name, path), e))?;
+                let mut out = tokio::fs::File::from_std(f);
+                let what = ctx(name, path);
+                tokio::spawn(async move {
+                    if let Err(e) = tokio::io::copy(&mut receiver, &mut out).await {
+                        tracing::warn!(error = %e, "{what}: copy to the log file stopped");
+                    }
+                });
             }
             Target::Fifo(fifo) => {
                 let (r, w) = std::io::pipe()

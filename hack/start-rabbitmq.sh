@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Starts a RabbitMQ node of ms2m's own (node ms2m@localhost, its own data and
+# log dirs, AMQP on 127.0.0.1:5672 and [::1]:5672 only) unless one answers.
+# The AMQP tests and the broker demo need it; nothing else starts it.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+: "${MS2M_RABBITMQ_NODE:=ms2m@localhost}"
+: "${MS2M_RABBITMQ_BASE:=/var/lib/ms2m/rabbitmq}"
+: "${MS2M_RABBITMQ_PORT:=5672}"
+export RABBITMQ_NODENAME="$MS2M_RABBITMQ_NODE"
+export RABBITMQ_MNESIA_BASE="$MS2M_RABBITMQ_BASE/mnesia"
+export RABBITMQ_LOG_BASE=/var/log/ms2m/rabbitmq
+export RABBITMQ_CONFIG_FILE=/etc/ms2m/rabbitmq
+export RABBITMQ_ENABLED_PLUGINS_FILE=/etc/ms2m/rabbitmq-enabled-plugins
+
+command -v rabbitmq-server >/dev/null || die "rabbitmq-server not installed: run hack/setup.sh"
+
+if rabbitmqctl -q -n "$RABBITMQ_NODENAME" status >/dev/null 2>&1; then
+    log "RabbitMQ node $RABBITMQ_NODENAME already running"
+    exit 0
+fi
+
+mkdir -p /etc/ms2m "$RABBITMQ_MNESIA_BASE" "$RABBITMQ_LOG_BASE"
+chown -R rabbitmq:rabbitmq "$MS2M_RABBITMQ_BASE" "$RABBITMQ_LOG_BASE"
+cat > /etc/ms2m/rabbitmq.conf <<CONF
+# Written by ms2m's hack/start-rabbitmq.sh: loopback only.
+listeners.tcp.1 = 127.0.0.1:$MS2M_RABBITMQ_PORT
+listeners.tcp.2 = ::1:$MS2M_RABBITMQ_PORT
+loopback_users.guest = true
+CONF
+echo '[].' > /etc/ms2m/rabbitmq-enabled-plugins
+chmod 644 /etc/ms2m/rabbitmq.conf /etc/ms2m/rabbitmq-enabled-plugins
+
+log "starting RabbitMQ node $RABBITMQ_NODENAME (log: $RABBITMQ_LOG_BASE)"
+rabbitmq-server -detached
+for _ in $(seq 1 120); do
+    if rabbitmqctl -q -n "$RABBITMQ_NODENAME" await_startup >/dev/null 2>&1; then
+        log "RabbitMQ ready on 127.0.0.1:$MS2M_RABBITMQ_PORT"
+        exit 0
+    fi
+    sleep 0.5
+done
+tail -30 "$RABBITMQ_LOG_BASE"/*.log >&2 || true
+die "RabbitMQ did not come up within 60 s"
