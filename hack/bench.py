@@ -489,7 +489,10 @@ def measure_leave(runtime, mib, run_no, logdir):
         if log_path:
             shutil.copy(log_path, os.path.join(logdir, "dump-%s-%dmib-run%d.log" % (runtime, mib, run_no)))
             prof = dump_log_profile(log_path)
-            R.profiles.setdefault((mib, runtime), []).append(prof)
+            if prof:
+                R.profiles.setdefault((mib, runtime), []).append(prof)
+            else:
+                prof = {"profile": "n/a (dump.log has no timestamps of the frozen window: CRIU log level < 4?)"}
         log("leave  %-7s %3d MiB run %d: frozen %.1f ms, freezing %.1f ms, memdump %.1f ms, "
             "memwrite %.1f ms, wall %.3f s, paused window %s ms, pages %s%s | %s"
             % (runtime, mib, run_no, st["frozen_time_us"] / 1000.0,
@@ -754,6 +757,9 @@ def machine_meta(stamp):
         "ms2m_cli": shutil.which("ms2m"), "shims": shims,
         "git_head": cmd_version(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"]),
         "image": IMAGE, "shm": SHM,
+        "criu_kdat_cache": ("present" if os.path.exists("/run/criu.kdat") else
+                            "missing, stale /run/criu.kdat.tmp" if os.path.exists("/run/criu.kdat.tmp")
+                            else "missing"),
     }
 
 

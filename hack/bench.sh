@@ -64,6 +64,13 @@ case " $BENCH_FIGURES " in
 esac
 [ -d "$(dirname "$BENCH_SHM")" ] || die "$(dirname "$BENCH_SHM") does not exist (images go to tmpfs)"
 
+# CRIU caches its kernel probe in /run/criu.kdat; a stale /run/criu.kdat.tmp (left
+# by a CRIU that was killed) stops it from writing the cache, so every CRIU run
+# re-probes the kernel. It costs both runtimes alike, but say so.
+if [ -e /run/criu.kdat.tmp ] && [ ! -e /run/criu.kdat ]; then
+    log "warning: stale /run/criu.kdat.tmp and no /run/criu.kdat: every CRIU run re-probes the kernel (hack/setup.sh clears it)"
+fi
+
 # ms2m's own containerd (idempotent).
 "$HERE/start-containerd.sh" || die "could not start ms2m's containerd: see /var/log/ms2m/containerd.log"
 ctr_ms2m images ls -q 2>/dev/null | grep -qx "$MS2M_TEST_IMAGE" \

@@ -4,14 +4,21 @@
 #
 # Rootfs: /bin/busybox (Debian's busybox-static) with its applet symlinks,
 # /usr/local/bin/memcounter (runtime-tests/workloads/memcounter.c, static),
+# /usr/local/bin/amqp-consumer (runtime-tests/workloads/amqp-consumer, Rust,
+# statically linked: built here with cargo for x86_64-unknown-linux-gnu and
+# +crt-static, into target/x86_64-unknown-linux-gnu so it never disturbs the
+# host build), /opt/ms2m/pika_consumer.py (run with the host's /usr
+# bind-mounted: python3 + python3-pika come from the host), /etc/hosts and
+# /etc/nsswitch.conf so `amqp://localhost` resolves without the host's files,
 # lib -> usr/lib and lib64 -> usr/lib64 (so the host's /usr can be bind-mounted
 # to run host programs), /tmp, a minimal /etc/passwd and /etc/group.
 # One gzip layer, an OCI config, manifest, index.json and oci-layout, packed as
 # an OCI archive and imported with `ctr images import`.
 #
 # Idempotent: the archive is rebuilt only when its inputs change (memcounter.c,
-# this script, busybox's version) and re-imported only when containerd does not
-# hold exactly this image.
+# the consumer's sources and Cargo.lock, pika_consumer.py, this script,
+# busybox's version) and re-imported only when containerd does not hold exactly
+# this image.
 #
 #   hack/build-image.sh           build if needed, import if needed
 #   hack/build-image.sh --force   rebuild and re-import
@@ -27,12 +34,18 @@ ARCHIVE="$MS2M_IMAGE_DIR/ms2m-test.oci.tar"
 STAMP="$MS2M_IMAGE_DIR/ms2m-test.inputs"
 DIGEST_FILE="$MS2M_IMAGE_DIR/ms2m-test.digest"
 BUSYBOX=/bin/busybox
+CONSUMER_DIR="$MS2M_ROOT/runtime-tests/workloads/amqp-consumer"
+PIKA_SCRIPT="$MS2M_ROOT/runtime-tests/workloads/pika_consumer.py"
+CONSUMER_TARGET="$(uname -m)-unknown-linux-gnu"
 
 [ -f "$SRC" ] || die "missing $SRC"
 [ -x "$BUSYBOX" ] && "$BUSYBOX" --list >/dev/null 2>&1 \
     || die "$BUSYBOX (static) not found: install busybox-static (hack/setup.sh system)"
 command -v gcc >/dev/null || die "gcc not found: install build-essential (hack/setup.sh system)"
 command -v ctr >/dev/null || die "ctr not found: run hack/setup.sh system"
+[ -f "$CONSUMER_DIR/Cargo.toml" ] || die "missing $CONSUMER_DIR"
+[ -f "$PIKA_SCRIPT" ] || die "missing $PIKA_SCRIPT"
+command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (hack/setup.sh)"
 
 case "$(uname -m)" in
     x86_64) ARCH=amd64 ;;
@@ -42,7 +55,9 @@ esac
 
 inputs_hash() {
     {
-        sha256sum "$SRC" "$0" | awk '{print $1}'
+        sha256sum "$SRC" "$0" "$PIKA_SCRIPT" "$MS2M_ROOT/Cargo.lock" | awk '{print $1}'
+        find "$CONSUMER_DIR" -type f \( -name '*.rs' -o -name Cargo.toml \) -print0 \
+            | sort -z | xargs -0 sha256sum | awk '{print $1}'
         dpkg-query -W -f='${Version}\n' busybox-static 2>/dev/null || sha256sum "$BUSYBOX"
         echo "$ARCH $MS2M_TEST_IMAGE"
     } | sha256sum | awk '{print $1}'
@@ -71,6 +86,30 @@ build() {
     log "compiling memcounter (static)"
     gcc -O2 -static -Wall -Wextra -o "$root/usr/local/bin/memcounter" "$SRC"
     strip "$root/usr/local/bin/memcounter" 2>/dev/null || true
+
+    log "building amqp-consumer (static, $CONSUMER_TARGET)"
+    local consumer="$CARGO_TARGET_DIR/$CONSUMER_TARGET/release/amqp-consumer"
+    # CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS on x86_64: only this
+    # target's build is static; the host build's artifacts stay untouched.
+    local flagvar; flagvar="CARGO_TARGET_$(echo "$CONSUMER_TARGET" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    (cd "$MS2M_ROOT" && env "$flagvar=-C target-feature=+crt-static" \
+        cargo build --release --target "$CONSUMER_TARGET" -p ms2m-amqp-consumer) \
+        || die "building amqp-consumer failed"
+    # A dynamically linked binary would not start in the busybox rootfs.
+    ldd "$consumer" 2>&1 | grep -qE 'statically linked|not a dynamic executable' \
+        || die "$consumer is not statically linked: $(ldd "$consumer" 2>&1 | head -3)"
+    install -m 0755 "$consumer" "$root/usr/local/bin/amqp-consumer"
+    strip "$root/usr/local/bin/amqp-consumer" 2>/dev/null || true
+    mkdir -p "$root/opt/ms2m"
+    install -m 0755 "$PIKA_SCRIPT" "$root/opt/ms2m/pika_consumer.py"
+
+    cat > "$root/etc/hosts" <<'EOF'
+127.0.0.1 localhost
+::1 localhost ip6-localhost ip6-loopback
+EOF
+    cat > "$root/etc/nsswitch.conf" <<'EOF'
+hosts: files dns
+EOF
 
     cat > "$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh

@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Host-side AMQP helpers: producer, result collector, checker (broker tests).
+pub mod amqp;
+
 /// The runtime of containerd's own runc shim: the baseline.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 /// ms2m's runtime type.

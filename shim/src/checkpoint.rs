@@ -6,29 +6,44 @@
 //! failure, and the shim checks and resumes it if it is still frozen.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim::oci::CheckpointOptions;
-use criu_bridge::config::{netns_has_tcp, CriuConfig, NetworkLock};
+use criu_bridge::config::{netns_has_tcp, CriuConfig, NetworkLock as ConfLock};
+use criu_bridge::container::{
+    Cgroups, ConfigFile, ContainerDump, DumpKnobs, Freeze, LockMethod, NetworkLock, RuncContainer,
+};
+use criu_bridge::features::Features;
 use criu_bridge::manifest::{describe_dump, Manifest};
-use criu_bridge::stats::read_dump_stats;
+use criu_bridge::rpc::{CriuClient, CriuFailure, NetworkLockMethod, Notify};
+use criu_bridge::stats::{read_dump_stats, DumpStats};
+use criu_bridge::strategy::{
+    self, ContainerFacts, Policy, PreCopyLimits, Strategy as BridgeStrategy, StrategyKind,
+};
 use tokio::sync::OnceCell;
 
+use crate::config::{
+    CgroupsChoice, LockChoice, Overrides, ShimConfig, StrategyChoice, FROZEN_HOOK_ANNOTATION,
+};
 use crate::container::type_name;
 use crate::criu_conf;
 use crate::error::{Error, Result};
+use crate::frozen_window::{CommandHook, FrozenContext, FrozenRecord, FrozenWindowSet};
+use crate::inflight::Dump;
 use crate::runc::{CheckpointArgs, Runc};
 
 /// The type of containerd's checkpoint options for runc runtimes.
 const CHECKPOINT_OPTIONS_TYPE: &str = "containerd.runc.v1.CheckpointOptions";
 
-/// Name of the strategy recorded in the manifest.
-pub const STRATEGY: &str = "runc-criu-dump";
-
-/// The CRIU binary whose version goes into the manifest.
-const CRIU_BINARY: &str = "criu";
+/// Strategy name: a direct CRIU dump driven by the shim.
+pub const STRATEGY_DIRECT: &str = "direct";
+/// Strategy name: pre-copy rounds, then a direct dump.
+pub const STRATEGY_PRE_COPY: &str = "pre-copy";
+/// Strategy name: `runc checkpoint`.
+pub const STRATEGY_RUNC: &str = "runc";
 
 /// Decodes the request's checkpoint options (none: defaults).
 pub fn parse_options(any: Option<&Any>) -> Result<CheckpointOptions> {
@@ -46,10 +61,10 @@ pub fn parse_options(any: Option<&Any>) -> Result<CheckpointOptions> {
 }
 
 /// The network lock to ask CRIU for, and why. `None` keeps CRIU's default.
-pub fn plan_network_lock(has_tcp: &std::io::Result<bool>) -> (Option<NetworkLock>, String) {
+pub fn plan_network_lock(has_tcp: &std::io::Result<bool>) -> (Option<ConfLock>, String) {
     match has_tcp {
         Ok(false) => (
-            Some(NetworkLock::Skip),
+            Some(ConfLock::Skip),
             "no TCP socket in the container's network namespace: nothing to lock, \
              network lock skipped"
                 .to_string(),
@@ -76,12 +91,198 @@ pub struct Target {
     pub bundle: PathBuf,
     /// runc for the container.
     pub runc: Runc,
+    /// runc's state directory (`--root`).
+    pub runc_root: PathBuf,
     /// Host pid of the init process.
     pub init_pid: i32,
     /// The container was paused before the checkpoint (it stays paused).
     pub was_paused: bool,
     /// The CRIU configuration file the shim owns, if any.
     pub criu_conf: Option<PathBuf>,
+    /// The shim configuration of the container.
+    pub config: Arc<ShimConfig>,
+    /// The container's ms2m annotations.
+    pub overrides: Overrides,
+}
+
+/// How the dump is carried out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Method {
+    /// CRIU's RPC, driven by the shim.
+    Direct,
+    /// Pre-dump rounds, then a direct final dump.
+    PreCopy(PreCopyLimits),
+    /// `runc checkpoint`.
+    Runc,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Direct => STRATEGY_DIRECT,
+            Method::PreCopy(_) => STRATEGY_PRE_COPY,
+            Method::Runc => STRATEGY_RUNC,
+        }
+    }
+}
+
+/// The plan for one checkpoint.
+struct Plan {
+    method: Method,
+    reason: String,
+    features: Arc<Features>,
+    /// The lock to use when locking is needed.
+    lock: NetworkLock,
+    lock_when_tcp: LockMethod,
+    cgroups: Cgroups,
+    criu: PathBuf,
+}
+
+fn lock_method(m: NetworkLockMethod) -> LockMethod {
+    match m {
+        NetworkLockMethod::Iptables => LockMethod::Iptables,
+        NetworkLockMethod::Nftables => LockMethod::Nftables,
+        NetworkLockMethod::Skip => LockMethod::Skip,
+    }
+}
+
+/// Resident memory of `pid`, bytes (0 when unknown).
+fn rss_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// A short summary of the features, for the manifest.
+fn features_summary(f: &Features) -> serde_json::Value {
+    serde_json::json!({
+        "criu_version": f.criu_version,
+        "dirty_tracking": f.dirty_tracking(),
+        "soft_dirty": f.soft_dirty.detail,
+        "lazy_pages": f.lazy_pages(),
+        "userfaultfd": f.userfaultfd.detail,
+        "pagemap_scan": f.pagemap_scan.available,
+        "network_locks": {
+            "iptables": f.network_locks.iptables,
+            "nftables": f.network_locks.nftables,
+        },
+        "criu_kdat_cache": f.criu_kdat_cache.detail,
+        "detected_at_unix_ms": f.detected_at_unix_ms,
+    })
+}
+
+/// Chooses the strategy for this checkpoint (config, annotation, features).
+async fn plan(target: &Target, opts: &CheckpointOptions, has_tcp: bool) -> Result<Plan> {
+    let id = &target.id;
+    let (choice, source) = target.overrides.strategy(&target.config)?;
+    let hook = target.overrides.frozen_hook.is_some();
+    if choice == StrategyChoice::Runc && hook {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint of container {id}: the frozen-window hook ({FROZEN_HOOK_ANNOTATION}) \
+             needs the direct strategy, but the {source} forces runc"
+        )));
+    }
+    let criu = target.config.criu_binary();
+    let features = {
+        let criu = criu.clone();
+        tokio::task::spawn_blocking(move || Features::cached(&criu))
+            .await
+            .map_err(|e| Error::internal("detect checkpoint features", e))?
+    };
+    let facts = ContainerFacts {
+        rss_bytes: rss_bytes(target.init_pid),
+        has_tcp: has_tcp || opts.open_tcp,
+        exit: opts.exit,
+        forced: match choice {
+            StrategyChoice::Auto => None,
+            StrategyChoice::Direct | StrategyChoice::Runc => Some(StrategyKind::Dump),
+            StrategyChoice::PreCopy => Some(StrategyKind::PreCopy),
+        },
+    };
+    let policy = Policy {
+        lazy_min_rss_bytes: target.config.restore.lazy_min_rss_mib * 1024 * 1024,
+        ..Policy::default()
+    };
+    let decision = strategy::choose(&features, &facts, &policy);
+    let method = match (choice, &decision.strategy) {
+        (StrategyChoice::Runc, _) => Method::Runc,
+        (_, BridgeStrategy::PreCopy(limits)) => Method::PreCopy(*limits),
+        _ => Method::Direct,
+    };
+    let mut reason = format!(
+        "{} (strategy {} from the {source}): {}",
+        method.name(),
+        choice.as_str(),
+        decision.reason
+    );
+    if decision.strategy == BridgeStrategy::LazyRestore {
+        reason.push_str("; the dump is plain, the restore is lazy");
+    }
+    let lock_when_tcp = features
+        .best_network_lock()
+        .map(lock_method)
+        .unwrap_or(LockMethod::Iptables);
+    let lock = match target.config.checkpoint.network_lock {
+        LockChoice::Auto => NetworkLock::Auto,
+        LockChoice::Iptables => NetworkLock::Always(LockMethod::Iptables),
+        LockChoice::Nftables => NetworkLock::Always(LockMethod::Nftables),
+        LockChoice::Skip => NetworkLock::Always(LockMethod::Skip),
+    };
+    if lock != NetworkLock::Auto {
+        reason.push_str(&format!(
+            "; network lock {:?} set by the shim configuration",
+            target.config.checkpoint.network_lock
+        ));
+    }
+    let cgroups = match opts.cgroups_mode.as_str() {
+        "" => match target.config.checkpoint.cgroups {
+            CgroupsChoice::Ignore => Cgroups::Ignore,
+            CgroupsChoice::Soft => Cgroups::Soft,
+        },
+        "ignore" => Cgroups::Ignore,
+        "soft" => Cgroups::Soft,
+        other if method == Method::Runc => {
+            tracing::debug!(id = %id, "cgroups mode {other} passed to runc");
+            Cgroups::Soft
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint of container {id}: cgroups mode {other:?} is not supported by the \
+                 {} strategy (soft or ignore)",
+                method.name()
+            )))
+        }
+    };
+    Ok(Plan {
+        method,
+        reason,
+        features,
+        lock,
+        lock_when_tcp,
+        cgroups,
+        criu,
+    })
+}
+
+/// What a dump produced, whatever the method.
+struct Dumped {
+    stats: Option<DumpStats>,
+    network_lock: String,
+    frozen: Option<FrozenRecord>,
+    criu_events: Option<serde_json::Value>,
+    cgroups_mode: Option<String>,
+    rounds: Option<serde_json::Value>,
 }
 
 /// Checkpoints `target` into `image_path` and returns the manifest written
@@ -99,6 +300,15 @@ pub async fn checkpoint(
             "checkpoint of container {id}: no image path given"
         )));
     }
+    let has_tcp = netns_has_tcp(target.init_pid as u32);
+    let plan = plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
+    tracing::info!(
+        id = %id,
+        strategy = plan.method.name(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "checkpoint planned: {}",
+        plan.reason
+    );
     std::fs::create_dir_all(image_path)
         .map_err(|e| Error::internal(format!("{what} failed: cannot create image directory"), e))?;
     let (work_path, temp_work) = if opts.work_path.is_empty() {
@@ -119,29 +329,115 @@ pub async fn checkpoint(
         )
     })?;
 
-    // The CRIU configuration: network lock only when there is something to lock.
-    let (lock, mut reason) = plan_network_lock(&netns_has_tcp(target.init_pid as u32));
-    let network_lock = match (&target.criu_conf, lock) {
-        (Some(conf), lock) => {
+    let dump_started = Instant::now();
+    let dumped = match plan.method {
+        Method::Runc => dump_runc(target, image_path, &work_path, opts, &plan, &has_tcp).await,
+        Method::Direct | Method::PreCopy(_) => {
+            dump_direct(target, image_path, &work_path, opts, &plan).await
+        }
+    };
+    let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
+
+    let dumped = match dumped {
+        Ok(d) => d,
+        Err(e) => {
+            let log = keep_dump_log(&work_path, image_path, &target.bundle);
+            let state = ensure_running(target).await;
+            return Err(Error::Internal(format!(
+                "{what} failed: {e}{}{state}",
+                log.map(|l| format!("; CRIU log: {}", l.display()))
+                    .unwrap_or_default()
+            )));
+        }
+    };
+
+    let mut m = Manifest::new(id);
+    m.namespace = Some(target.namespace.clone());
+    m.runtime.shim = crate::SHIM_BINARY.to_string();
+    m.runtime.shim_version = env!("CARGO_PKG_VERSION").to_string();
+    m.runtime.oci_runtime = "runc".to_string();
+    m.runtime.oci_runtime_version = runc_version(&target.runc).await;
+    m.runtime.criu_version = plan.features.criu_version.clone().or_else(|| {
+        criu_bridge::criu::criu_version(&plan.criu.to_string_lossy())
+            .map_err(|e| tracing::warn!("CRIU version unknown: {e}"))
+            .ok()
+    });
+    m.options.exit = opts.exit;
+    m.options.tcp_established = opts.open_tcp;
+    m.options.tcp_close = false;
+    m.options.external_unix_sockets = opts.external_unix_sockets;
+    m.options.shell_job = opts.terminal;
+    m.options.file_locks = opts.file_locks;
+    m.options.network_lock = dumped.network_lock;
+    m.options.image_path = image_path.display().to_string();
+    m.options.work_path = (!temp_work).then(|| work_path.display().to_string());
+    m.options.cgroups_mode = dumped.cgroups_mode;
+    m.options.empty_namespaces = if plan.method == Method::Runc {
+        opts.empty_namespaces.clone()
+    } else {
+        vec!["network".to_string()]
+    };
+    m.strategy.name = plan.method.name().to_string();
+    m.strategy.reason = plan.reason.clone();
+    m.stats = dumped.stats;
+    m.timings.dump_ms = dump_ms;
+    let ext = &mut m.extensions;
+    ext.insert("features".into(), features_summary(&plan.features));
+    if let Some(f) = &dumped.frozen {
+        ext.insert(
+            "frozen_window".into(),
+            serde_json::to_value(f).map_err(|e| Error::internal("encode frozen_window", e))?,
+        );
+    }
+    if let Some(ev) = dumped.criu_events {
+        ext.insert("criu_notifications".into(), ev);
+    }
+    if let Some(r) = dumped.rounds {
+        ext.insert("pre_copy_rounds".into(), r);
+    }
+    m.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    m.write(image_path)
+        .map_err(|e| Error::internal(format!("{what}: images written, but the manifest not"), e))?;
+    if temp_work {
+        let _ = std::fs::remove_dir_all(&work_path);
+    }
+    if let Some(s) = &m.stats {
+        tracing::info!(id = %id, strategy = %m.strategy.name, "CRIU dump: {}", describe_dump(s));
+    }
+    Ok(m)
+}
+
+/// `runc checkpoint` with the shim's CRIU configuration.
+async fn dump_runc(
+    target: &Target,
+    image_path: &Path,
+    work_path: &Path,
+    opts: &CheckpointOptions,
+    plan: &Plan,
+    has_tcp: &std::io::Result<bool>,
+) -> Result<Dumped> {
+    let (auto_lock, _) = plan_network_lock(has_tcp);
+    let lock = match plan.lock {
+        NetworkLock::Auto => auto_lock,
+        NetworkLock::Always(LockMethod::Iptables) => Some(ConfLock::Iptables),
+        NetworkLock::Always(LockMethod::Nftables) => Some(ConfLock::Nftables),
+        NetworkLock::Always(LockMethod::Skip) => Some(ConfLock::Skip),
+    };
+    let network_lock = match &target.criu_conf {
+        Some(conf) => {
             let mut config = CriuConfig::new();
             if let Some(l) = lock {
                 config = config.network_lock(l);
             }
             criu_conf::write(conf, &config)?;
             lock.map(|l| l.to_string())
-                .unwrap_or_else(|| NetworkLock::Iptables.to_string())
+                .unwrap_or_else(|| ConfLock::Iptables.to_string())
         }
-        (None, _) => {
-            reason = "the container names its own CRIU configuration (org.criu.config): \
-                      used as it is"
-                .to_string();
-            "configured".to_string()
-        }
+        None => "configured".to_string(),
     };
-
     let args = CheckpointArgs {
         image_path: image_path.to_path_buf(),
-        work_path: work_path.clone(),
+        work_path: work_path.to_path_buf(),
         parent_path: None,
         leave_running: !opts.exit,
         tcp_established: opts.open_tcp,
@@ -151,69 +447,284 @@ pub async fn checkpoint(
         empty_namespaces: opts.empty_namespaces.clone(),
         cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
     };
-    let dump_started = Instant::now();
-    let dumped = target.runc.checkpoint(id, &args).await;
-    let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
-
-    if let Err(e) = dumped {
+    if let Err(e) = target.runc.checkpoint(&target.id, &args).await {
         let criu_errors = std::fs::read_to_string(work_path.join("dump.log"))
             .map(|log| criu_errors(&log))
             .unwrap_or_default();
-        let log = keep_dump_log(&work_path, image_path, &target.bundle);
-        let state = ensure_running(target).await;
-        return Err(Error::Internal(format!(
-            "{what} failed: {e}{}{}{state}",
-            if criu_errors.is_empty() {
-                String::new()
-            } else {
-                format!("; CRIU: {criu_errors}")
-            },
-            log.map(|l| format!("; CRIU log: {}", l.display()))
-                .unwrap_or_default()
-        )));
+        return Err(if criu_errors.is_empty() {
+            e
+        } else {
+            Error::Internal(format!("{e}; CRIU: {criu_errors}"))
+        });
     }
-
-    let stats = match read_dump_stats(&work_path) {
+    let stats = match read_dump_stats(work_path) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(id = %id, "no CRIU dump statistics: {e}");
+            tracing::warn!(id = %target.id, "no CRIU dump statistics: {e}");
             None
         }
     };
-    let mut m = Manifest::new(id);
-    m.namespace = Some(target.namespace.clone());
-    m.runtime.shim = crate::SHIM_BINARY.to_string();
-    m.runtime.shim_version = env!("CARGO_PKG_VERSION").to_string();
-    m.runtime.oci_runtime = "runc".to_string();
-    m.runtime.oci_runtime_version = runc_version(&target.runc).await;
-    m.runtime.criu_version = criu_bridge::criu::criu_version(CRIU_BINARY)
-        .map_err(|e| tracing::warn!("CRIU version unknown: {e}"))
-        .ok();
-    m.options.exit = opts.exit;
-    m.options.tcp_established = opts.open_tcp;
-    m.options.tcp_close = false;
-    m.options.external_unix_sockets = opts.external_unix_sockets;
-    m.options.shell_job = opts.terminal;
-    m.options.file_locks = opts.file_locks;
-    m.options.network_lock = network_lock;
-    m.options.image_path = image_path.display().to_string();
-    m.options.work_path = (!temp_work).then(|| work_path.display().to_string());
-    m.options.cgroups_mode = args.cgroups_mode.clone();
-    m.options.empty_namespaces = opts.empty_namespaces.clone();
-    m.strategy.name = STRATEGY.to_string();
-    m.strategy.reason = reason;
-    m.stats = stats;
-    m.timings.dump_ms = dump_ms;
-    m.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
-    m.write(image_path)
-        .map_err(|e| Error::internal(format!("{what}: images written, but the manifest not"), e))?;
-    if temp_work {
-        let _ = std::fs::remove_dir_all(&work_path);
+    Ok(Dumped {
+        stats,
+        network_lock,
+        frozen: None,
+        criu_events: None,
+        cgroups_mode: args.cgroups_mode,
+        rounds: None,
+    })
+}
+
+/// A direct dump through CRIU's RPC (after pre-copy rounds for
+/// [`Method::PreCopy`]), on a blocking thread.
+async fn dump_direct(
+    target: &Target,
+    image_path: &Path,
+    work_path: &Path,
+    opts: &CheckpointOptions,
+    plan: &Plan,
+) -> Result<Dumped> {
+    let id = target.id.clone();
+    let rc = RuncContainer::load(&target.runc_root, &id)
+        .map_err(|e| Error::internal(format!("read runc's state of container {id}"), e))?;
+    if let Some(conf) = &target.criu_conf {
+        // Nothing in the file may override the request's options.
+        criu_conf::write(conf, &CriuConfig::new())?;
     }
-    if let Some(s) = &m.stats {
-        tracing::info!(id = %id, "CRIU dump: {}", describe_dump(s));
+    let knobs = DumpKnobs {
+        leave_running: !opts.exit,
+        work_dir: Some(work_path.to_path_buf()),
+        network_lock: plan.lock,
+        lock_when_tcp: plan.lock_when_tcp,
+        cgroups: plan.cgroups,
+        freeze: Freeze::Cgroup,
+        external_netns: true,
+        empty_netns: true,
+        tcp_established: opts.open_tcp,
+        ext_unix_sk: opts.external_unix_sockets,
+        shell_job: opts.terminal,
+        file_locks: opts.file_locks,
+        log_level: 2,
+        config_file: ConfigFile::LikeRunc,
+    };
+    let mut hooks = FrozenWindowSet::default();
+    if let Some(cmd) = &target.overrides.frozen_hook {
+        let h = CommandHook::new(cmd, target.config.hook_timeout()).map_err(|e| {
+            Error::InvalidArgument(format!("annotation {FROZEN_HOOK_ANNOTATION}: {e}"))
+        })?;
+        hooks.push(Box::new(h));
     }
-    Ok(m)
+    let guard = Dump::begin(&id, rc.freezer_cgroup().map(Path::to_path_buf));
+    let client = {
+        let g = guard.clone();
+        CriuClient::new(&plan.criu).on_spawn(move |pid| g.set_criu_pid(pid))
+    };
+    let images = image_path.to_path_buf();
+    let work = work_path.to_path_buf();
+    let method = plan.method;
+    let cgroups_mode = match plan.cgroups {
+        Cgroups::Ignore => "ignore",
+        Cgroups::Soft => "soft",
+    };
+    let g = guard.clone();
+    let span = tracing::info_span!("criu-dump", id = %id);
+    let joined = tokio::task::spawn_blocking(move || {
+        let _e = span.enter();
+        let rounds = match method {
+            Method::PreCopy(limits) => Some(
+                pre_copy(&rc, &client, &images, &knobs, &limits)
+                    .map_err(|e| Box::new((e, None)))?,
+            ),
+            _ => None,
+        };
+        let mut frozen: Option<FrozenRecord> = None;
+        let ctx_base = FrozenContext {
+            container_id: rc.id().to_string(),
+            init_pid: rc.init_pid(),
+            image_path: images.clone(),
+            criu_pid: 0,
+        };
+        let mut notify = |n: Notify<'_>| -> std::result::Result<(), String> {
+            if n.script != "post-dump" {
+                return Ok(());
+            }
+            let ctx = FrozenContext {
+                criu_pid: n.criu_pid,
+                ..ctx_base.clone()
+            };
+            let rec = hooks.run(&ctx);
+            tracing::info!(
+                hook_ms = rec.hook_duration_ms,
+                hooks = hooks.len(),
+                ok = rec.ok,
+                "frozen window"
+            );
+            let res = match &rec.error {
+                None => Ok(()),
+                Some(e) => Err(format!("frozen-window hook failed: {e}")),
+            };
+            frozen = Some(rec);
+            res
+        };
+        let t0 = Instant::now();
+        let result = match &rounds {
+            Some(r) => {
+                let mut k = knobs.clone();
+                k.work_dir = Some(work.clone());
+                final_dump_with_parent(&rc, &client, &images, &k, r.last_dir(), &mut notify)
+            }
+            None => rc.dump(&client, &images, &knobs, Some(&mut notify)),
+        };
+        tracing::debug!(
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "criu dump returned"
+        );
+        result
+            .map(|d| (d, frozen.clone(), rounds))
+            .map_err(|e| Box::new((e, frozen)))
+    })
+    .await
+    .map_err(|e| Error::internal("the dump thread failed", e))?;
+    let aborted = g.aborted();
+    drop(guard);
+    match joined {
+        Ok((d, frozen, rounds)) => {
+            if let Some(e) = &d.stats_error {
+                tracing::warn!(id = %id, "no CRIU dump statistics: {e}");
+            }
+            Ok(Dumped {
+                stats: d.stats,
+                network_lock: d.network_lock.as_str().to_string(),
+                frozen,
+                criu_events: serde_json::to_value(&d.outcome.events).ok(),
+                cgroups_mode: Some(cgroups_mode.to_string()),
+                rounds: rounds.map(|r| r.to_json()),
+            })
+        }
+        Err(boxed) => {
+            let (e, frozen) = *boxed;
+            let mut msg = match (&aborted, e.criu_failure()) {
+                (Some(why), _) => format!("checkpoint aborted: {why}; CRIU was killed: {e}"),
+                (None, Some(CriuFailure::HookFailed)) => {
+                    let hook_err = frozen
+                        .as_ref()
+                        .and_then(|f| f.error.clone())
+                        .unwrap_or_default();
+                    format!("frozen-window hook failed: {hook_err}; the dump was aborted: {e}")
+                }
+                _ => e.to_string(),
+            };
+            if let Some(f) = frozen.filter(|f| f.ok) {
+                msg.push_str(&format!(
+                    " (the frozen-window hook had run: {:.1} ms)",
+                    f.hook_duration_ms
+                ));
+            }
+            Err(Error::Internal(msg))
+        }
+    }
+}
+
+/// The pre-dump rounds of a pre-copy checkpoint.
+struct Rounds {
+    dirs: Vec<String>,
+    pages: Vec<u64>,
+    decisions: Vec<String>,
+    elapsed_ms: f64,
+}
+
+impl Rounds {
+    fn last_dir(&self) -> &str {
+        self.dirs.last().map(String::as_str).unwrap_or("")
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rounds": self.dirs.len(),
+            "pages_written": self.pages,
+            "decisions": self.decisions,
+            "elapsed_ms": self.elapsed_ms,
+        })
+    }
+}
+
+/// Pre-dump rounds into `<images>/../<name>.pre-N` until the policy says
+/// stop. Runs only where the kernel tracks dirty memory.
+fn pre_copy(
+    rc: &RuncContainer,
+    client: &CriuClient,
+    images: &Path,
+    knobs: &DumpKnobs,
+    limits: &PreCopyLimits,
+) -> std::result::Result<Rounds, criu_bridge::Error> {
+    let t0 = Instant::now();
+    let base = images
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".into());
+    let parent_dir = images.parent().unwrap_or(Path::new("/"));
+    let mut r = Rounds {
+        dirs: Vec::new(),
+        pages: Vec::new(),
+        decisions: Vec::new(),
+        elapsed_ms: 0.0,
+    };
+    loop {
+        let decision = limits.next_round(&r.pages, t0.elapsed());
+        r.decisions.push(decision.reason().to_string());
+        if decision.is_final() {
+            break;
+        }
+        let name = format!("{base}.pre-{}", r.dirs.len() + 1);
+        let dir = parent_dir.join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| criu_bridge::Error::Criu {
+            action: "pre-dump".into(),
+            failure: CriuFailure::Spawn,
+            detail: format!("create {}: {e}", dir.display()),
+        })?;
+        let (mut job, _, _) = rc.dump_job(&dir, knobs)?;
+        job.work_dir = None;
+        if let Some(prev) = r.dirs.last() {
+            job.opts.parent_img = Some(format!("../{prev}"));
+        }
+        client.pre_dump(&job, None)?;
+        let pages = read_dump_stats(&dir).map(|s| s.pages_written).unwrap_or(0);
+        r.pages.push(pages);
+        r.dirs.push(name);
+    }
+    r.elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    Ok(r)
+}
+
+/// The final dump of a pre-copy checkpoint: only what changed since the
+/// last round (`parent_img`).
+fn final_dump_with_parent(
+    rc: &RuncContainer,
+    client: &CriuClient,
+    images: &Path,
+    knobs: &DumpKnobs,
+    parent: &str,
+    notify: &mut criu_bridge::rpc::NotifyFn<'_>,
+) -> std::result::Result<ContainerDump, criu_bridge::Error> {
+    let (mut job, lock, external_netns) = rc.dump_job(images, knobs)?;
+    if !parent.is_empty() {
+        job.opts.parent_img = Some(format!("../{parent}"));
+        job.opts.track_mem = Some(true);
+    }
+    let outcome = client.dump(&job, Some(notify))?;
+    let stats_dir = knobs.work_dir.as_deref().unwrap_or(images);
+    let (stats, stats_error) = match read_dump_stats(stats_dir) {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    Ok(ContainerDump {
+        outcome,
+        stats,
+        stats_error,
+        network_lock: lock,
+        external_netns,
+        prepare_ms: 0.0,
+    })
 }
 
 /// The last error lines of a CRIU log, joined (at most three).
@@ -320,7 +831,7 @@ mod tests {
 
     #[test]
     fn network_lock_only_when_tcp() {
-        assert_eq!(plan_network_lock(&Ok(false)).0, Some(NetworkLock::Skip));
+        assert_eq!(plan_network_lock(&Ok(false)).0, Some(ConfLock::Skip));
         assert_eq!(plan_network_lock(&Ok(true)).0, None);
         assert_eq!(
             plan_network_lock(&Err(std::io::Error::other("gone"))).0,

@@ -13,6 +13,7 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim::oci::Options as RuncOptions;
 
+use crate::config::{Overrides, ShimConfig};
 use crate::criu_conf;
 use crate::error::{Error, Result};
 use crate::process::Process;
@@ -61,6 +62,14 @@ pub struct Container {
     pub op: Arc<tokio::sync::Mutex<()>>,
     /// The OOM watcher, stopped on delete.
     pub oom: Option<tokio::task::AbortHandle>,
+    /// runc's state directory (`--root`) for this container.
+    pub runc_root: PathBuf,
+    /// The shim configuration this container was created with.
+    pub config: Arc<ShimConfig>,
+    /// The container's ms2m annotations.
+    pub overrides: Overrides,
+    /// The lazy-pages daemon serving a lazily restored container's memory.
+    pub lazy: Option<crate::restore::LazyDaemon>,
 }
 
 impl Container {
@@ -161,7 +170,12 @@ pub fn console_socket_dir() -> PathBuf {
 pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Container> {
     let what = describe(&req.id, "");
     let options = parse_runc_options(req.options.as_ref())?;
+    let config = Arc::new(ShimConfig::for_options(req.options.as_ref())?);
+    if let Some(src) = &config.source {
+        tracing::info!(id = %req.id, config = %src.display(), "shim configuration read");
+    }
     let bundle = PathBuf::from(&req.bundle);
+    let overrides = Overrides::from_bundle(&bundle)?;
     write_options(&bundle, &options)
         .await
         .map_err(|e| Error::internal(format!("{what}: write runtime options"), e))?;
@@ -190,7 +204,13 @@ pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Containe
         Some(rootfs)
     };
 
-    let result = create_in_bundle(req, namespace, &bundle, options, rootfs.clone()).await;
+    let result = create_in_bundle(req, namespace, &bundle, options, rootfs.clone())
+        .await
+        .map(|mut c| {
+            c.config = config;
+            c.overrides = overrides;
+            c
+        });
     if result.is_err() {
         if let Some(r) = &rootfs {
             unmount(r);
@@ -209,12 +229,8 @@ async fn create_in_bundle(
     let what = describe(&req.id, "");
     let criu_conf = criu_conf::ensure_annotation(bundle)
         .map_err(|e| Error::internal(format!("{what}: set up the CRIU configuration"), e))?;
-    let runc = Runc::new(
-        &options.binary_name,
-        &runc_root(&options, namespace),
-        bundle,
-        options.systemd_cgroup,
-    );
+    let root = runc_root(&options, namespace);
+    let runc = Runc::new(&options.binary_name, &root, bundle, options.systemd_cgroup);
     let stdio = StdioPaths {
         stdin: req.stdin.clone(),
         stdout: req.stdout.clone(),
@@ -278,6 +294,10 @@ async fn create_in_bundle(
         execs: HashMap::new(),
         op: Arc::new(tokio::sync::Mutex::new(())),
         oom: None,
+        runc_root: root,
+        config: Arc::new(ShimConfig::default()),
+        overrides: Overrides::default(),
+        lazy: None,
     })
 }
 

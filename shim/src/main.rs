@@ -11,18 +11,29 @@
 //!   processes), exits that arrive before their pid is known.
 //! - [`runc`]: the runc command driver.
 //! - [`stdio`]: FIFOs, pipes and pty between containerd and a process.
-//! - [`checkpoint`], [`restore`], [`criu_conf`]: the CRIU paths and the
-//!   CRIU configuration file runc hands to CRIU.
+//! - [`checkpoint`], [`restore`], [`criu_conf`]: the CRIU paths (strategy
+//!   choice, direct CRIU dumps through criu-bridge or `runc checkpoint`,
+//!   `runc restore` with lazy pages) and the CRIU configuration file runc
+//!   hands to CRIU.
+//! - [`frozen_window`]: hooks run while the container is frozen.
+//! - [`inflight`]: dumps in flight; SIGTERM/SIGINT aborts them and thaws.
+//! - [`config`]: the shim's TOML configuration and per-container
+//!   annotations.
+//! - [`netns`]: brings `lo` up in a restored container.
 //! - [`oom`]: cgroup v1 OOM events.
 //! - [`logging`]: tracing to containerd's shim log FIFO.
 //! - [`error`]: errors and their ttrpc codes.
 
 mod checkpoint;
+mod config;
 mod container;
 mod criu_conf;
 mod error;
 mod exits;
+mod frozen_window;
+mod inflight;
 mod logging;
+mod netns;
 mod oom;
 mod process;
 mod restore;

@@ -5,16 +5,21 @@
 //! restore statistics.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criu_bridge::config::CriuConfig;
+use criu_bridge::features::Features;
 use criu_bridge::manifest::{describe_restore, Manifest};
+use criu_bridge::rpc::LazyPages;
 use criu_bridge::stats::read_restore_stats;
 
 use crate::checkpoint::criu_errors;
+use crate::config::{LazyChoice, Overrides, ShimConfig};
 use crate::container::{console_socket_dir, read_pid, RestoreSource};
 use crate::criu_conf;
 use crate::error::{Error, Result};
+use crate::exits::ExitHub;
 use crate::runc::{ProcessStdio, RestoreArgs, Runc};
 use crate::stdio::{self, ConsoleSocket, ProcessIo, StdioPaths};
 
@@ -32,10 +37,71 @@ pub struct Target<'a> {
     pub no_pivot: bool,
     /// The CRIU configuration file the shim owns, if any.
     pub criu_conf: Option<&'a Path>,
+    /// The shim configuration.
+    pub config: &'a Arc<ShimConfig>,
+    /// The container's ms2m annotations.
+    pub overrides: &'a Overrides,
 }
 
-/// Restores the container; returns the restored init's pid and its stdio.
-pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, ProcessIo)> {
+/// A lazy-pages daemon serving a restored container's memory. The shim's
+/// reaper reaps it; the daemon is killed when this is dropped (task
+/// delete) while it still runs.
+pub struct LazyDaemon {
+    pid: u32,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    _daemon: LazyPages,
+}
+
+impl Drop for LazyDaemon {
+    fn drop(&mut self) {
+        if !self.done.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: kill(2) on our own child, not yet reaped (the reaper
+            // sets `done` when it reaps it).
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            tracing::info!(pid = self.pid, "lazy-pages daemon killed (task deleted)");
+        }
+    }
+}
+
+/// Whether to restore lazily, and why.
+fn plan_lazy(
+    target: &Target<'_>,
+    manifest: Option<&Manifest>,
+    features: Option<&Features>,
+) -> Result<(bool, String)> {
+    let choice = target.overrides.lazy_pages(target.config)?;
+    let min = target.config.restore.lazy_min_rss_mib * 1024 * 1024;
+    let bytes = manifest
+        .and_then(|m| m.stats.as_ref())
+        .map(|s| s.pages_written * 4096);
+    let can = features.is_some_and(Features::lazy_pages);
+    Ok(match choice {
+        LazyChoice::Never => (false, "lazy pages off (configuration)".into()),
+        LazyChoice::Always if can => (true, "lazy pages forced".into()),
+        LazyChoice::Always => {
+            return Err(Error::FailedPrecondition(format!(
+                "restore of container {}: lazy pages were forced, but they cannot work here                  (userfaultfd or CRIU support missing)",
+                target.id
+            )))
+        }
+        LazyChoice::Auto => match bytes {
+            Some(b) if b >= min && can => (
+                true,
+                format!("{} MiB of pages >= {} MiB", b >> 20, min >> 20),
+            ),
+            Some(b) if b >= min => (false, "large, but lazy pages cannot work here".into()),
+            Some(b) => (false, format!("{} MiB of pages < {} MiB", b >> 20, min >> 20)),
+            None => (false, "checkpoint size unknown (no manifest statistics)".into()),
+        },
+    })
+}
+
+/// Restores the container; returns the restored init's pid, its stdio and
+/// the lazy-pages daemon serving it, if restored lazily.
+pub async fn restore(
+    target: &Target<'_>,
+    from: &RestoreSource,
+) -> Result<(i32, ProcessIo, Option<LazyDaemon>)> {
     let id = target.id;
     let images = &from.image_path;
     let what = format!("restore of container {id} from {}", images.display());
@@ -72,6 +138,16 @@ pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, 
         criu_conf::write(conf, &CriuConfig::new().tcp_close(dumped.tcp_close))?;
     }
 
+    let criu = target.config.criu_binary();
+    let features = {
+        let criu = criu.clone();
+        tokio::task::spawn_blocking(move || Features::cached(&criu))
+            .await
+            .map_err(|e| Error::internal("detect restore features", e))?
+    };
+    let (lazy, lazy_reason) = plan_lazy(target, manifest.as_ref(), Some(&features))?;
+    tracing::info!(id, lazy, "restore: {lazy_reason}");
+
     let (work, temp_work) = match &from.work_path {
         Some(w) => (w.clone(), false),
         None => (target.bundle.join("criu-restore-work"), true),
@@ -95,6 +171,44 @@ pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, 
         file_locks: dumped.file_locks,
         no_pivot: target.no_pivot,
         cgroups_mode: dumped.cgroups_mode.clone(),
+        lazy_pages: lazy,
+    };
+    let daemon = if lazy {
+        let (images, work2, criu2) = (images.clone(), work.clone(), criu.clone());
+        let lp = tokio::task::spawn_blocking(move || {
+            LazyPages::start(&criu2, &images, Some(&work2), None, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::internal("start the lazy-pages daemon", e))?
+        .map_err(|e| Error::internal(format!("{what}: lazy pages"), e))?;
+        let pid = lp.pid();
+        let exited = ExitHub::global().register(pid as i32);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let cid = id.to_string();
+        let log = lp.log_file().to_path_buf();
+        let t0 = Instant::now();
+        tracing::info!(id, pid, ready_ms = lp.ready_ms, "lazy-pages daemon ready");
+        tokio::spawn(async move {
+            let status = exited.await.ok();
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+            let elapsed_ms = t0.elapsed().as_millis() as u64;
+            match status {
+                Some(0) => {
+                    tracing::info!(id = %cid, pid, elapsed_ms, "lazy-pages daemon has served all pages and exited")
+                }
+                s => {
+                    tracing::warn!(id = %cid, pid, elapsed_ms, status = ?s, log = %log.display(), "lazy-pages daemon ended abnormally")
+                }
+            }
+        });
+        Some(LazyDaemon {
+            pid,
+            done,
+            _daemon: lp,
+        })
+    } else {
+        None
     };
     if from.parent_path.is_some() {
         tracing::debug!(
@@ -122,6 +236,15 @@ pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, 
         io
     };
     let pid = read_pid(&pid_file)?;
+    let running_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(id, pid, lazy, elapsed_ms = running_ms, "restored: running");
+
+    // runc restores an empty network namespace: its lo is down.
+    match tokio::task::spawn_blocking(move || crate::netns::bring_up_loopback(pid)).await {
+        Ok(Ok(was_up)) => tracing::debug!(id, was_up, "loopback of the restored container is up"),
+        Ok(Err(e)) => tracing::warn!(id, "cannot bring lo up in the restored container: {e}"),
+        Err(e) => tracing::warn!(id, "cannot bring lo up in the restored container: {e}"),
+    }
 
     match read_restore_stats(&work) {
         Ok(s) => tracing::info!(
@@ -132,10 +255,10 @@ pub async fn restore(target: &Target<'_>, from: &RestoreSource) -> Result<(i32, 
         ),
         Err(e) => tracing::warn!(id, "no CRIU restore statistics: {e}"),
     }
-    if temp_work {
+    if temp_work && daemon.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok((pid, io))
+    Ok((pid, io, daemon))
 }
 
 /// Adds where CRIU's restore log is to a restore error.

@@ -145,6 +145,8 @@ pub struct RestoreArgs {
     pub no_pivot: bool,
     /// `--manage-cgroups-mode`.
     pub cgroups_mode: Option<String>,
+    /// `--lazy-pages` (a lazy-pages daemon serves the work dir).
+    pub lazy_pages: bool,
 }
 
 impl RestoreArgs {
@@ -172,6 +174,7 @@ impl RestoreArgs {
             (self.shell_job, "--shell-job"),
             (self.file_locks, "--file-locks"),
             (self.no_pivot, "--no-pivot"),
+            (self.lazy_pages, "--lazy-pages"),
         ] {
             if on {
                 a.push(flag.into());

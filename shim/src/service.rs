@@ -233,6 +233,12 @@ impl Inner {
             )));
         }
         let mut c = container::create(&req, &self.namespace).await?;
+        // Detect the checkpoint features now, off the request path, so the
+        // first checkpoint does not pay for it.
+        let criu = c.config.criu_binary();
+        tokio::task::spawn_blocking(move || {
+            criu_bridge::features::Features::cached(&criu);
+        });
         let pid = c.init.pid;
         let early_exit = {
             let mut st = self.state.lock().await;
@@ -293,7 +299,7 @@ impl Inner {
     }
 
     async fn start_init(self: &Arc<Self>, id: &str) -> Result<i32> {
-        let (runc, restore_from, stdio, bundle, no_pivot, criu_conf) = {
+        let (runc, restore_from, stdio, bundle, no_pivot, criu_conf, config, overrides) = {
             let mut st = self.state.lock().await;
             let c = st.get_mut(id)?;
             let what = c.describe("");
@@ -305,6 +311,8 @@ impl Inner {
                 c.bundle.clone(),
                 c.options.no_pivot_root,
                 c.criu_conf.clone(),
+                c.config.clone(),
+                c.overrides.clone(),
             )
         };
         let result = match &restore_from {
@@ -317,6 +325,8 @@ impl Inner {
                     stdio: &stdio,
                     no_pivot,
                     criu_conf: criu_conf.as_deref(),
+                    config: &config,
+                    overrides: &overrides,
                 };
                 restore::restore(&target, from).await.map(Some)
             }
@@ -333,8 +343,9 @@ impl Inner {
             })?;
             match result {
                 Ok(restored) => {
-                    if let Some((pid, io)) = restored {
+                    if let Some((pid, io, lazy)) = restored {
                         c.init.pid = pid;
+                        c.lazy = lazy;
                         if c.init.stdin_closed {
                             io.close_stdin();
                         }
@@ -820,9 +831,12 @@ impl Inner {
                 namespace: self.namespace.clone(),
                 bundle: c.bundle.clone(),
                 runc: c.runc.clone(),
+                runc_root: c.runc_root.clone(),
                 init_pid: c.init.pid,
                 was_paused: c.init.status == Status::Paused,
                 criu_conf: c.criu_conf.clone(),
+                config: c.config.clone(),
+                overrides: c.overrides.clone(),
             }
         };
         let manifest = checkpoint::checkpoint(&target, Path::new(&image_path), &opts).await?;
@@ -830,8 +844,14 @@ impl Inner {
             id = %req.id,
             image_path = %image_path,
             exit = opts.exit,
+            strategy = %manifest.strategy.name,
             network_lock = %manifest.options.network_lock,
             frozen_ms = manifest.stats.as_ref().map(|s| s.frozen_time_us as f64 / 1000.0),
+            hook_ms = manifest
+                .extensions
+                .get("frozen_window")
+                .and_then(|f| f.get("hook_duration_ms"))
+                .and_then(|v| v.as_f64()),
             dump_ms = manifest.timings.dump_ms,
             "checkpoint written"
         );

@@ -106,6 +106,7 @@ impl Shim for Ms2mShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        crate::inflight::watch_signals();
         Service::new(publisher, &self.namespace, self.exit.clone()).await
     }
 }

@@ -1,0 +1,494 @@
+//! The shim's configuration: a TOML file, named by the container's runtime
+//! options (`runtimeoptions.v1.Options{config_path}`: CRI's options for
+//! non-runc runtimes, `ctr run --runtime-config-path FILE`), else
+//! `/etc/ms2m/shim.toml` when it exists, else the defaults. A bad file is a
+//! clear error at create. Per-container annotations override some settings
+//! at checkpoint and restore time (see [`Overrides`]).
+//!
+//! ```toml
+//! [checkpoint]
+//! strategy = "auto"            # auto | direct | runc | pre-copy
+//! network_lock = "auto"        # auto | iptables | nftables | skip
+//! cgroups = "ignore"           # ignore | soft
+//! frozen_hook_timeout_ms = 2000
+//!
+//! [restore]
+//! lazy_pages = "auto"          # auto | always | never
+//! lazy_min_rss_mib = 128
+//!
+//! [criu]
+//! binary = "/usr/local/sbin/criu"
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use serde::Deserialize;
+
+use crate::container::type_name;
+use crate::error::{Error, Result};
+
+/// The configuration file read when the runtime options name none.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/ms2m/shim.toml";
+/// The type of CRI's runtime options for non-runc runtimes.
+pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+
+/// Annotation: the checkpoint strategy of this container.
+pub const STRATEGY_ANNOTATION: &str = "io.ms2m.checkpoint.strategy";
+/// Annotation: lazy pages on restore of this container.
+pub const LAZY_PAGES_ANNOTATION: &str = "io.ms2m.restore.lazy-pages";
+/// Annotation: a command run while the container is frozen.
+pub const FROZEN_HOOK_ANNOTATION: &str = "io.ms2m.checkpoint.frozen-hook";
+
+/// How to checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyChoice {
+    /// Let the policy choose from the detected features.
+    #[default]
+    Auto,
+    /// CRIU's RPC driven by the shim (shortest freeze, frozen-window hook).
+    Direct,
+    /// `runc checkpoint` (containerd's runc shims' path).
+    Runc,
+    /// Iterative pre-copy where the kernel tracks dirty memory (falls back
+    /// to a direct dump where it does not).
+    PreCopy,
+}
+
+impl StrategyChoice {
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyChoice::Auto => "auto",
+            StrategyChoice::Direct => "direct",
+            StrategyChoice::Runc => "runc",
+            StrategyChoice::PreCopy => "pre-copy",
+        }
+    }
+
+    /// Parses a user value (any case).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(StrategyChoice::Auto),
+            "direct" | "dump" => Ok(StrategyChoice::Direct),
+            "runc" => Ok(StrategyChoice::Runc),
+            "pre-copy" | "precopy" => Ok(StrategyChoice::PreCopy),
+            _ => Err(format!(
+                "unknown checkpoint strategy {s:?}: expected auto, direct, runc or pre-copy"
+            )),
+        }
+    }
+}
+
+/// The network lock during a dump.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockChoice {
+    /// None when the container has no TCP socket, else the best method here.
+    #[default]
+    Auto,
+    /// iptables rules.
+    Iptables,
+    /// An nftables table.
+    Nftables,
+    /// Never lock.
+    Skip,
+}
+
+/// CRIU's cgroup handling in a direct dump.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CgroupsChoice {
+    /// Record the paths only: `runc restore` recreates the cgroups.
+    #[default]
+    Ignore,
+    /// As runc: CRIU dumps the cgroup properties.
+    Soft,
+}
+
+/// Lazy pages on restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LazyChoice {
+    /// When the checkpoint is large enough and userfaultfd works.
+    #[default]
+    Auto,
+    /// Always (fails when lazy pages cannot work here).
+    Always,
+    /// Never.
+    Never,
+}
+
+impl LazyChoice {
+    /// Parses a user value (any case).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(LazyChoice::Auto),
+            "always" | "true" | "on" | "yes" => Ok(LazyChoice::Always),
+            "never" | "false" | "off" | "no" => Ok(LazyChoice::Never),
+            _ => Err(format!(
+                "unknown lazy-pages setting {s:?}: expected auto, always or never"
+            )),
+        }
+    }
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Strategy.
+    pub strategy: StrategyChoice,
+    /// Network lock.
+    pub network_lock: LockChoice,
+    /// Cgroup handling (direct dumps).
+    pub cgroups: CgroupsChoice,
+    /// Bound on the frozen-window hook, ms.
+    pub frozen_hook_timeout_ms: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            strategy: StrategyChoice::Auto,
+            network_lock: LockChoice::Auto,
+            cgroups: CgroupsChoice::Ignore,
+            frozen_hook_timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[restore]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// Lazy pages.
+    pub lazy_pages: LazyChoice,
+    /// Lazy pages (auto) from this checkpoint size, MiB.
+    pub lazy_min_rss_mib: u64,
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        RestoreConfig {
+            lazy_pages: LazyChoice::Auto,
+            lazy_min_rss_mib: 128,
+        }
+    }
+}
+
+/// `[criu]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriuConfigSection {
+    /// The CRIU binary (a path, or a name looked up on PATH).
+    pub binary: PathBuf,
+}
+
+impl Default for CriuConfigSection {
+    fn default() -> Self {
+        CriuConfigSection {
+            binary: PathBuf::from("criu"),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointConfig,
+    /// `[restore]`.
+    pub restore: RestoreConfig,
+    /// `[criu]`.
+    pub criu: CriuConfigSection,
+    /// Where it was read from (`None`: defaults).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+impl ShimConfig {
+    /// Parses a configuration file's text.
+    pub fn parse(text: &str, source: &Path) -> Result<ShimConfig> {
+        let mut c: ShimConfig = toml::from_str(text).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "ms2m shim configuration {}: {}",
+                source.display(),
+                e.to_string().trim()
+            ))
+        })?;
+        if c.checkpoint.frozen_hook_timeout_ms == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "ms2m shim configuration {}: checkpoint.frozen_hook_timeout_ms must be > 0",
+                source.display()
+            )));
+        }
+        c.source = Some(source.to_path_buf());
+        Ok(c)
+    }
+
+    /// Reads `path`.
+    pub fn read(path: &Path) -> Result<ShimConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "ms2m shim configuration {}: cannot read it: {e}",
+                path.display()
+            ))
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The configuration for a container created with runtime options
+    /// `options`: the file they name, else [`DEFAULT_CONFIG_FILE`] if it
+    /// exists, else the defaults.
+    pub fn for_options(options: Option<&Any>) -> Result<ShimConfig> {
+        if let Some(path) = config_path_of(options)? {
+            return Self::read(&path);
+        }
+        let default = Path::new(DEFAULT_CONFIG_FILE);
+        if default.exists() {
+            return Self::read(default);
+        }
+        Ok(ShimConfig::default())
+    }
+
+    /// The CRIU binary as a path (looked up on PATH and the sbin dirs when
+    /// it is a bare name).
+    pub fn criu_binary(&self) -> PathBuf {
+        let b = &self.criu.binary;
+        if b.components().count() > 1 || b.is_absolute() {
+            return b.clone();
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin"].map(PathBuf::from))
+            .map(|d| d.join(b))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| b.clone())
+    }
+
+    /// The frozen-window hook's bound.
+    pub fn hook_timeout(&self) -> Duration {
+        Duration::from_millis(self.checkpoint.frozen_hook_timeout_ms)
+    }
+}
+
+/// What a container's annotations override.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `io.ms2m.checkpoint.strategy`, raw.
+    pub strategy: Option<String>,
+    /// `io.ms2m.restore.lazy-pages`, raw.
+    pub lazy_pages: Option<String>,
+    /// `io.ms2m.checkpoint.frozen-hook`, raw.
+    pub frozen_hook: Option<String>,
+}
+
+impl Overrides {
+    /// Picks the ms2m annotations out of a spec's annotations.
+    pub fn from_annotations(a: &HashMap<String, String>) -> Overrides {
+        let get = |k: &str| a.get(k).cloned();
+        Overrides {
+            strategy: get(STRATEGY_ANNOTATION),
+            lazy_pages: get(LAZY_PAGES_ANNOTATION),
+            frozen_hook: get(FROZEN_HOOK_ANNOTATION),
+        }
+    }
+
+    /// Reads the annotations of `<bundle>/config.json`.
+    pub fn from_bundle(bundle: &Path) -> Result<Overrides> {
+        let path = bundle.join("config.json");
+        let text = std::fs::read(&path)
+            .map_err(|e| Error::internal(format!("read {}", path.display()), e))?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let mut a = HashMap::new();
+        if let Some(obj) = v.get("annotations").and_then(|x| x.as_object()) {
+            for (k, val) in obj {
+                if let Some(s) = val.as_str() {
+                    a.insert(k.clone(), s.to_string());
+                }
+            }
+        }
+        Ok(Overrides::from_annotations(&a))
+    }
+
+    /// The strategy for this container: the annotation, else the config.
+    pub fn strategy(&self, config: &ShimConfig) -> Result<(StrategyChoice, &'static str)> {
+        match &self.strategy {
+            Some(s) => StrategyChoice::parse(s)
+                .map(|c| (c, "annotation"))
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("annotation {STRATEGY_ANNOTATION}: {e}"))
+                }),
+            None => Ok((config.checkpoint.strategy, "shim configuration")),
+        }
+    }
+
+    /// Lazy pages for this container: the annotation, else the config.
+    pub fn lazy_pages(&self, config: &ShimConfig) -> Result<LazyChoice> {
+        match &self.lazy_pages {
+            Some(s) => LazyChoice::parse(s).map_err(|e| {
+                Error::InvalidArgument(format!("annotation {LAZY_PAGES_ANNOTATION}: {e}"))
+            }),
+            None => Ok(config.restore.lazy_pages),
+        }
+    }
+}
+
+/// The config file named by `runtimeoptions.v1.Options`, if the options
+/// are of that type and name one.
+fn config_path_of(options: Option<&Any>) -> Result<Option<PathBuf>> {
+    let Some(any) = options.filter(|a| !a.type_url.is_empty()) else {
+        return Ok(None);
+    };
+    if type_name(&any.type_url) != RUNTIME_OPTIONS_TYPE {
+        return Ok(None);
+    }
+    let fields = decode_strings(&any.value)
+        .map_err(|e| Error::InvalidArgument(format!("decode {RUNTIME_OPTIONS_TYPE}: {e}")))?;
+    // runtimeoptions.v1.Options: 1 type_url, 2 config_path, 3 config_body.
+    Ok(fields
+        .into_iter()
+        .find(|(n, s)| *n == 2 && !s.is_empty())
+        .map(|(_, s)| PathBuf::from(s)))
+}
+
+/// The length-delimited string fields of a protobuf message, as (field
+/// number, value); other wire types are skipped.
+fn decode_strings(mut b: &[u8]) -> std::result::Result<Vec<(u64, String)>, String> {
+    fn varint(b: &mut &[u8]) -> std::result::Result<u64, String> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first().ok_or("truncated varint")?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut b)?;
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                if b.len() < n {
+                    return Err("truncated fixed field".into());
+                }
+                b = &b[n..];
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut b)?).map_err(|e| e.to_string())?;
+                if b.len() < len {
+                    return Err("truncated string".into());
+                }
+                let (s, rest) = b.split_at(len);
+                b = rest;
+                out.push((
+                    field,
+                    String::from_utf8(s.to_vec()).map_err(|e| e.to_string())?,
+                ));
+            }
+            w => return Err(format!("unsupported wire type {w}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_file() {
+        let d = ShimConfig::parse("", Path::new("/x.toml")).unwrap();
+        assert_eq!(d.checkpoint, CheckpointConfig::default());
+        assert_eq!(d.restore.lazy_min_rss_mib, 128);
+        let c = ShimConfig::parse(
+            "[checkpoint]\nstrategy = \"runc\"\nnetwork_lock = \"nftables\"\ncgroups = \"soft\"\n\
+             frozen_hook_timeout_ms = 500\n[restore]\nlazy_pages = \"always\"\nlazy_min_rss_mib = 64\n\
+             [criu]\nbinary = \"/opt/criu\"\n",
+            Path::new("/x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.checkpoint.strategy, StrategyChoice::Runc);
+        assert_eq!(c.checkpoint.network_lock, LockChoice::Nftables);
+        assert_eq!(c.checkpoint.cgroups, CgroupsChoice::Soft);
+        assert_eq!(c.hook_timeout(), Duration::from_millis(500));
+        assert_eq!(c.restore.lazy_pages, LazyChoice::Always);
+        assert_eq!(c.criu_binary(), PathBuf::from("/opt/criu"));
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        for bad in [
+            "[checkpoint]\nstrategy = \"fast\"\n",
+            "[checkpoint]\nunknown = 1\n",
+            "[checkpoint\n",
+            "[checkpoint]\nfrozen_hook_timeout_ms = 0\n",
+        ] {
+            let e = ShimConfig::parse(bad, Path::new("/etc/ms2m/shim.toml")).unwrap_err();
+            assert!(
+                e.to_string().contains("/etc/ms2m/shim.toml"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn annotations_override() {
+        let cfg = ShimConfig::default();
+        let mut a = HashMap::new();
+        a.insert(STRATEGY_ANNOTATION.to_string(), "RUNC".to_string());
+        a.insert(LAZY_PAGES_ANNOTATION.to_string(), "never".to_string());
+        let o = Overrides::from_annotations(&a);
+        assert_eq!(o.strategy(&cfg).unwrap().0, StrategyChoice::Runc);
+        assert_eq!(o.lazy_pages(&cfg).unwrap(), LazyChoice::Never);
+        a.insert(STRATEGY_ANNOTATION.to_string(), "warp".to_string());
+        let e = Overrides::from_annotations(&a).strategy(&cfg).unwrap_err();
+        assert!(e.to_string().contains(STRATEGY_ANNOTATION), "{e}");
+        assert_eq!(
+            Overrides::default().strategy(&cfg).unwrap().0,
+            StrategyChoice::Auto
+        );
+    }
+
+    #[test]
+    fn decodes_runtime_options() {
+        // type_url = "x", config_path = "/etc/ms2m/a.toml"
+        let mut v = vec![0x0a, 1, b'x', 0x12, 16];
+        v.extend_from_slice(b"/etc/ms2m/a.toml");
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: v,
+            ..Default::default()
+        };
+        assert_eq!(
+            config_path_of(Some(&any)).unwrap(),
+            Some(PathBuf::from("/etc/ms2m/a.toml"))
+        );
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![],
+            ..Default::default()
+        };
+        assert_eq!(config_path_of(Some(&other)).unwrap(), None);
+        let bad = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![0x12, 50, b'a'],
+            ..Default::default()
+        };
+        assert!(config_path_of(Some(&bad)).is_err());
+    }
+}

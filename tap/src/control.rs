@@ -1,0 +1,276 @@
+//! The handle the shim uses: start, quiesce, capture, release, exit, stats.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::cut::{rfc3339_utc, Cut, QuiesceReport, CUT_SCHEMA};
+use crate::ledger::Ledger;
+use crate::{listener, proxy, TapConfig, TapError};
+
+/// Outcome of [`Tap::quiesce`] (also recorded in the cut).
+pub type Quiesce = QuiesceReport;
+
+/// What the connections should do with deliveries from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Forward everything.
+    Open,
+    /// Hold new deliveries (and whatever follows them on their channel).
+    Hold,
+    /// Drop held deliveries and close both sides (checkpoint with exit).
+    Exit,
+    /// Tap shutting down: close everything.
+    Shutdown,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicUsize,
+    pub frames_from_client: AtomicU64,
+    pub frames_from_broker: AtomicU64,
+    pub held_deliveries: AtomicU64,
+    pub connection_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: TapConfig,
+    pub ledger: Mutex<Ledger>,
+    pub counters: Counters,
+    pub mode: watch::Sender<Mode>,
+    pub next_conn: AtomicU64,
+}
+
+impl Shared {
+    /// The ledger; a poisoned lock (a panic elsewhere) still yields the data.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counters of a tap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapStats {
+    /// Client connections accepted since start.
+    pub connections_total: u64,
+    /// Client connections open now.
+    pub connections_active: usize,
+    /// Connection pairs closed because of an error (bad frames, upstream down).
+    pub connection_errors: u64,
+    /// Frames read from clients.
+    pub frames_from_client: u64,
+    /// Frames read from the broker.
+    pub frames_from_broker: u64,
+    /// Deliveries handed to clients.
+    pub deliveries: u64,
+    /// Deliveries acked by clients.
+    pub acks: u64,
+    /// Deliveries nacked, rejected or recovered by clients.
+    pub nacks: u64,
+    /// Delivered and not yet settled.
+    pub unsettled: u64,
+    /// basic.publish from clients.
+    pub publishes: u64,
+    /// Publisher confirms from the broker.
+    pub confirms: u64,
+    /// Deliveries held now (quiesce).
+    pub held: u64,
+}
+
+/// Handle to a running tap (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Tap {
+    shared: Arc<Shared>,
+    addrs: Arc<Vec<SocketAddr>>,
+}
+
+impl Tap {
+    /// Start serving on already-bound listeners (from
+    /// [`Tap::listen_in_netns`] or [`Tap::listen_loopback`]). Must be called
+    /// inside a tokio runtime (a current_thread runtime is fine). With
+    /// `resume`, the first basic.consume on each stream queue of the cut is
+    /// rewritten to start at the cut.
+    pub async fn start(
+        config: TapConfig,
+        listeners: Vec<std::net::TcpListener>,
+        resume: Option<Cut>,
+    ) -> Result<Tap, TapError> {
+        if listeners.is_empty() {
+            return Err(TapError::Config("no listeners to serve on".into()));
+        }
+        let (mode, _) = watch::channel(Mode::Open);
+        let shared = Arc::new(Shared {
+            ledger: Mutex::new(Ledger::new(resume.as_ref())),
+            config,
+            counters: Counters::default(),
+            mode,
+            next_conn: AtomicU64::new(1),
+        });
+        let mut addrs = Vec::new();
+        for l in listeners {
+            l.set_nonblocking(true)
+                .map_err(|e| TapError::io("making a listener non-blocking", e))?;
+            let l = tokio::net::TcpListener::from_std(l)
+                .map_err(|e| TapError::io("registering a listener with tokio", e))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| TapError::io("reading a listener's address", e))?;
+            addrs.push(addr);
+            tokio::spawn(proxy::accept_loop(shared.clone(), l, addr));
+        }
+        info!(
+            upstream = %shared.config.upstream,
+            listen = ?addrs,
+            resume = resume.is_some(),
+            "ms2m tap: started"
+        );
+        Ok(Tap {
+            shared,
+            addrs: Arc::new(addrs),
+        })
+    }
+
+    /// Bind `127.0.0.1:port` and `[::1]:port` inside the network namespace
+    /// named by `netns` (`/proc/<pid>/ns/net` or a bind-mounted path). Runs a
+    /// short-lived thread that joins the namespace; the calling thread's
+    /// namespace is untouched. Blocking but quick (no I/O beyond bind).
+    pub fn listen_in_netns(
+        netns: &Path,
+        port: u16,
+    ) -> Result<Vec<std::net::TcpListener>, TapError> {
+        listener::listen_in_netns(netns, port)
+    }
+
+    /// Bind `127.0.0.1:port` (and `[::1]:port` when available) in the
+    /// caller's own network namespace; port 0 picks an ephemeral port.
+    pub fn listen_loopback(port: u16) -> Result<Vec<std::net::TcpListener>, TapError> {
+        listener::bind_loopback(port)
+    }
+
+    /// Addresses the tap listens on.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Hold new deliveries (buffered in order per connection) and wait,
+    /// at most `timeout`, until every delivery already handed to the app is
+    /// acked, nacked or rejected. Holding continues after this returns, until
+    /// [`Tap::release`] or [`Tap::close_for_exit`].
+    pub async fn quiesce(&self, timeout: Duration) -> Quiesce {
+        let t0 = Instant::now();
+        self.shared.mode.send_replace(Mode::Hold);
+        let mut unsettled = self.shared.ledger().unsettled();
+        while unsettled > 0 && t0.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            unsettled = self.shared.ledger().unsettled();
+        }
+        let q = QuiesceReport {
+            complete: unsettled == 0,
+            waited_ms: t0.elapsed().as_millis() as u64,
+            timeout_ms: timeout.as_millis() as u64,
+            unsettled,
+        };
+        if q.complete {
+            info!(waited_ms = q.waited_ms, "ms2m tap: quiesced");
+        } else {
+            warn!(
+                waited_ms = q.waited_ms,
+                unsettled, "ms2m tap: quiesce timed out; unsettled deliveries are in doubt"
+            );
+        }
+        q
+    }
+
+    /// Capture the broker cut from the ledger. Synchronous and cheap: meant
+    /// for CRIU's frozen window. Deliveries still unsettled are listed as
+    /// in doubt when the quiesce did not complete.
+    pub fn capture_cut(&self, quiesce: &Quiesce) -> Cut {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
+        Cut {
+            schema: CUT_SCHEMA.to_string(),
+            upstream: self.shared.config.upstream.to_string(),
+            captured_at: rfc3339_utc(now),
+            captured_at_unix_ms: now,
+            connections: self
+                .shared
+                .counters
+                .connections_active
+                .load(Ordering::Relaxed),
+            queues,
+            quiesce: *quiesce,
+        }
+    }
+
+    /// Leave-running: forward held deliveries in order and stop holding.
+    /// Waits (at most 1 s) until the connections have written them.
+    pub async fn release(&self) {
+        self.shared.mode.send_replace(Mode::Open);
+        let t0 = Instant::now();
+        while self.shared.counters.held_deliveries.load(Ordering::Relaxed) > 0
+            && t0.elapsed() < Duration::from_secs(1)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        info!("ms2m tap: released");
+    }
+
+    /// Exit checkpoint: drop held deliveries and close every connection (to
+    /// the broker with connection.close), so unacked messages return to the
+    /// broker. New connections are refused afterwards.
+    pub async fn close_for_exit(&self) {
+        self.shared.mode.send_replace(Mode::Exit);
+        self.wait_closed(Duration::from_secs(2)).await;
+        info!("ms2m tap: closed for exit checkpoint");
+    }
+
+    async fn wait_closed(&self, bound: Duration) {
+        let t0 = Instant::now();
+        while self
+            .shared
+            .counters
+            .connections_active
+            .load(Ordering::Relaxed)
+            > 0
+            && t0.elapsed() < bound
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TapStats {
+        let c = &self.shared.counters;
+        let t = self.shared.ledger().totals();
+        TapStats {
+            connections_total: c.connections_total.load(Ordering::Relaxed),
+            connections_active: c.connections_active.load(Ordering::Relaxed),
+            connection_errors: c.connection_errors.load(Ordering::Relaxed),
+            frames_from_client: c.frames_from_client.load(Ordering::Relaxed),
+            frames_from_broker: c.frames_from_broker.load(Ordering::Relaxed),
+            deliveries: t.deliveries,
+            acks: t.acks,
+            nacks: t.nacks,
+            unsettled: t.unsettled,
+            publishes: t.publishes,
+            confirms: t.confirms,
+            held: c.held_deliveries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop accepting and close every connection.
+    pub async fn shutdown(&self) {
+        self.shared.mode.send_replace(Mode::Shutdown);
+        self.wait_closed(Duration::from_secs(2)).await;
+        info!("ms2m tap: shut down");
+    }
+}

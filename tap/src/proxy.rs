@@ -1,0 +1,504 @@
+//! One client connection ↔ one upstream connection.
+//!
+//! Both directions run as two futures of one task. Frames are cut by
+//! [`FrameReader`] and copied through unchanged; method frames are decoded
+//! for the ledger (except basic.publish, counted from its ids), and the
+//! content header after a delivery is decoded for `x-stream-offset` and
+//! message-id. Body frames are never decoded.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::protocol::{basic, connection, parse_class, AMQPClass};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, CodecError, FrameReader, FRAME_HEADER, FRAME_METHOD};
+use crate::control::{Mode, Shared};
+use crate::ledger::{header_fields, Delivery};
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a connection pair ended.
+#[derive(Debug, thiserror::Error)]
+enum PairError {
+    #[error("malformed frame from {side}: {err}")]
+    Codec { side: &'static str, err: CodecError },
+    #[error("undecodable {what} from {side}")]
+    Decode {
+        side: &'static str,
+        what: &'static str,
+    },
+    #[error("{side} socket: {err}")]
+    Io {
+        side: &'static str,
+        err: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+enum End {
+    ClientClosed,
+    UpstreamClosed,
+    Exit,
+    Shutdown,
+}
+
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, addr: SocketAddr) {
+    let mut mode = shared.mode.subscribe();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, peer)) => {
+                    if matches!(*mode.borrow(), Mode::Exit | Mode::Shutdown) {
+                        info!(%peer, "ms2m tap: refusing connection, tap is closing");
+                        continue;
+                    }
+                    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(serve(shared.clone(), sock, peer, id));
+                }
+                Err(e) => {
+                    warn!(%addr, "ms2m tap: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            r = mode.changed() => {
+                if r.is_err() || *mode.borrow() == Mode::Shutdown {
+                    debug!(%addr, "ms2m tap: listener stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn connect_upstream(shared: &Shared) -> Result<TcpStream, String> {
+    let up = &shared.config.upstream;
+    let fut = async {
+        match up.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => TcpStream::connect(SocketAddr::new(ip, up.port)).await,
+            Err(_) => TcpStream::connect((up.host.as_str(), up.port)).await,
+        }
+    };
+    match tokio::time::timeout(shared.config.connect_timeout, fut).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("upstream {up} unreachable: {e}")),
+        Err(_) => Err(format!("upstream {up}: connect timed out")),
+    }
+}
+
+async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
+    let c = &shared.counters;
+    c.connections_total.fetch_add(1, Ordering::Relaxed);
+    c.connections_active.fetch_add(1, Ordering::Relaxed);
+    let upstream = match connect_upstream(&shared).await {
+        Ok(u) => u,
+        Err(e) => {
+            c.connection_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(conn = id, %peer, "ms2m tap: closing client connection: {e}");
+            c.connections_active.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    debug!(conn = id, %peer, "ms2m tap: connection opened");
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let frame_max = AtomicU32::new(0);
+    let pair = Pair {
+        shared: &shared,
+        id,
+        frame_max: &frame_max,
+    };
+    let res = tokio::select! {
+        r = pair.client_to_upstream(cr, uw, shared.mode.subscribe()) => r,
+        r = pair.upstream_to_client(ur, cw, shared.mode.subscribe()) => r,
+    };
+    match res {
+        Ok(End::ClientClosed) => debug!(conn = id, %peer, "ms2m tap: client closed"),
+        Ok(End::UpstreamClosed) => {
+            info!(conn = id, %peer, "ms2m tap: broker closed the connection; closing the client's")
+        }
+        Ok(End::Exit) => info!(conn = id, %peer, "ms2m tap: connection closed for exit checkpoint"),
+        Ok(End::Shutdown) => debug!(conn = id, %peer, "ms2m tap: connection closed at shutdown"),
+        Err(e) => {
+            c.connection_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(conn = id, %peer, "ms2m tap: closing connection pair: {e}");
+        }
+    }
+    shared.ledger().drop_conn(id);
+    c.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+struct Pair<'a> {
+    shared: &'a Shared,
+    id: u64,
+    frame_max: &'a AtomicU32,
+}
+
+fn ids(payload: &[u8]) -> (u16, u16) {
+    if payload.len() < 4 {
+        return (0, 0);
+    }
+    (
+        u16::from_be_bytes([payload[0], payload[1]]),
+        u16::from_be_bytes([payload[2], payload[3]]),
+    )
+}
+
+fn decode(payload: &[u8], side: &'static str) -> Result<AMQPClass, PairError> {
+    parse_class(payload)
+        .map(|(_, m)| m)
+        .map_err(|_| PairError::Decode {
+            side,
+            what: "method frame",
+        })
+}
+
+/// Delivery waiting for its content header.
+struct PendingHeader {
+    tag: u64,
+    /// Index into the held list when the delivery is held.
+    held_index: Option<usize>,
+}
+
+impl Pair<'_> {
+    fn sync_limit(&self, reader: &mut FrameReader) {
+        let fm = self.frame_max.load(Ordering::Relaxed);
+        if fm != 0 && reader.limit() != fm.min(self.shared.config.max_frame) {
+            reader.set_frame_max(fm);
+        }
+    }
+
+    async fn client_to_upstream(
+        &self,
+        mut cr: OwnedReadHalf,
+        mut uw: OwnedWriteHalf,
+        mut mode: watch::Receiver<Mode>,
+    ) -> Result<End, PairError> {
+        let side = "client";
+        let mut reader = FrameReader::new(self.shared.config.max_frame);
+        let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut handshake = false;
+        loop {
+            let n = tokio::select! {
+                r = cr.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
+                r = mode.changed() => {
+                    let m = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
+                    match m {
+                        Mode::Exit => {
+                            let close = AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                                reply_code: 320,
+                                reply_text: "ms2m tap: container checkpointed (exit)".into(),
+                                class_id: 0,
+                                method_id: 0,
+                            }));
+                            out.clear();
+                            if codec::encode_method(0, &close, &mut out).is_ok() {
+                                let _ = uw.write_all(&out).await;
+                            }
+                            let _ = uw.shutdown().await;
+                            return Ok(End::Exit);
+                        }
+                        Mode::Shutdown => return Ok(End::Shutdown),
+                        _ => continue,
+                    }
+                }
+            };
+            if n == 0 {
+                return Ok(End::ClientClosed);
+            }
+            if !handshake {
+                match reader
+                    .protocol_header()
+                    .map_err(|err| PairError::Codec { side, err })?
+                {
+                    None => continue,
+                    Some(h) => {
+                        handshake = true;
+                        out.extend_from_slice(&h);
+                    }
+                }
+            }
+            self.sync_limit(&mut reader);
+            let mut frames = 0u64;
+            while let Some(f) = reader
+                .next_frame()
+                .map_err(|err| PairError::Codec { side, err })?
+            {
+                frames += 1;
+                if f.kind == FRAME_METHOD {
+                    let payload = &reader.buffered()[f.payload_range()];
+                    let (class, method) = ids(payload);
+                    if (class, method) == (60, 40) {
+                        // basic.publish: counted without decoding.
+                        self.shared.ledger().client_method(
+                            self.id,
+                            f.channel,
+                            &AMQPClass::Basic(basic::AMQPMethod::Publish(Default::default())),
+                        );
+                    } else {
+                        let m = decode(payload, side)?;
+                        if let AMQPClass::Connection(connection::AMQPMethod::TuneOk(t)) = &m {
+                            let fm = if t.frame_max == 0 {
+                                self.shared.config.max_frame
+                            } else {
+                                t.frame_max.min(self.shared.config.max_frame)
+                            };
+                            self.frame_max.store(fm, Ordering::Relaxed);
+                            reader.set_frame_max(fm);
+                        }
+                        let rewritten = self.shared.ledger().client_method(self.id, f.channel, &m);
+                        if let Some(rw) = rewritten {
+                            codec::encode_method(f.channel, &rw, &mut out)
+                                .map_err(PairError::Other)?;
+                            continue;
+                        }
+                    }
+                }
+                out.extend_from_slice(&reader.buffered()[f.range()]);
+            }
+            self.shared
+                .counters
+                .frames_from_client
+                .fetch_add(frames, Ordering::Relaxed);
+            if !out.is_empty() {
+                uw.write_all(&out).await.map_err(|err| PairError::Io {
+                    side: "broker",
+                    err,
+                })?;
+                out.clear();
+            }
+        }
+    }
+
+    async fn upstream_to_client(
+        &self,
+        mut ur: OwnedReadHalf,
+        mut cw: OwnedWriteHalf,
+        mut mode: watch::Receiver<Mode>,
+    ) -> Result<End, PairError> {
+        let side = "broker";
+        let counters = &self.shared.counters;
+        let mut reader = FrameReader::new(self.shared.config.max_frame);
+        let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut held: Vec<u8> = Vec::new();
+        let mut held_deliveries: Vec<Delivery> = Vec::new();
+        let mut held_channels: HashSet<u16> = HashSet::new();
+        let mut pending: HashMap<u16, PendingHeader> = HashMap::new();
+        let mut handshake = false;
+        let mut current = *mode.borrow_and_update();
+        loop {
+            if current != Mode::Hold && !held_channels.is_empty() {
+                // Release: record and forward what was held, in order.
+                let n = held_deliveries.len() as u64;
+                {
+                    let mut ledger = self.shared.ledger();
+                    for d in held_deliveries.drain(..) {
+                        ledger.record_delivery(self.id, d);
+                    }
+                }
+                held_channels.clear();
+                for p in pending.values_mut() {
+                    p.held_index = None;
+                }
+                if current == Mode::Open {
+                    cw.write_all(&held).await.map_err(|err| PairError::Io {
+                        side: "client",
+                        err,
+                    })?;
+                }
+                held.clear();
+                counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
+            }
+            let n = tokio::select! {
+                r = ur.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
+                r = mode.changed() => {
+                    current = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
+                    match current {
+                        Mode::Exit => {
+                            let n = held_deliveries.len() as u64;
+                            counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
+                            held_deliveries.clear();
+                            held_channels.clear();
+                            let _ = cw.shutdown().await;
+                            return Ok(End::Exit);
+                        }
+                        Mode::Shutdown => {
+                            let n = held_deliveries.len() as u64;
+                            counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
+                            return Ok(End::Shutdown);
+                        }
+                        _ => continue,
+                    }
+                }
+            };
+            if n == 0 {
+                let n = held_deliveries.len() as u64;
+                counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
+                // Whatever was decoded and forwarded already went out.
+                return Ok(End::UpstreamClosed);
+            }
+            if !handshake {
+                // A broker that rejects the protocol version answers with its
+                // own protocol header and closes: pass it on.
+                if reader.buffered().starts_with(b"AMQP") {
+                    if reader.pending() < 8 {
+                        continue;
+                    }
+                    cw.write_all(reader.buffered())
+                        .await
+                        .map_err(|err| PairError::Io {
+                            side: "client",
+                            err,
+                        })?;
+                    return Ok(End::UpstreamClosed);
+                }
+                handshake = true;
+            }
+            self.sync_limit(&mut reader);
+            let mut frames = 0u64;
+            let holding = current == Mode::Hold;
+            while let Some(f) = reader
+                .next_frame()
+                .map_err(|err| PairError::Codec { side, err })?
+            {
+                frames += 1;
+                let ch = f.channel;
+                let mut hold_this = ch != 0 && held_channels.contains(&ch);
+                if f.kind == FRAME_METHOD {
+                    let payload = &reader.buffered()[f.payload_range()];
+                    let m = decode(payload, side)?;
+                    match &m {
+                        AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
+                            let delivery =
+                                self.shared.ledger().delivery_from_deliver(self.id, ch, d);
+                            self.delivery(
+                                delivery,
+                                holding,
+                                &mut hold_this,
+                                &mut held_deliveries,
+                                &mut pending,
+                            );
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::GetOk(g)) => {
+                            let delivery =
+                                self.shared.ledger().delivery_from_get_ok(self.id, ch, g);
+                            self.delivery(
+                                delivery,
+                                holding,
+                                &mut hold_this,
+                                &mut held_deliveries,
+                                &mut pending,
+                            );
+                        }
+                        AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => {
+                            let cap = self.shared.config.max_frame;
+                            if t.frame_max == 0 || t.frame_max > cap {
+                                let mut t2 = t.clone();
+                                t2.frame_max = cap;
+                                debug!(
+                                    conn = self.id,
+                                    from = t.frame_max,
+                                    to = cap,
+                                    "ms2m tap: clamping connection.tune frame_max"
+                                );
+                                let class = AMQPClass::Connection(connection::AMQPMethod::Tune(t2));
+                                codec::encode_method(ch, &class, &mut out)
+                                    .map_err(PairError::Other)?;
+                                continue;
+                            }
+                        }
+                        AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                            info!(conn = self.id, code = c.reply_code, text = %c.reply_text, "ms2m tap: broker closes connection");
+                        }
+                        other => self.shared.ledger().server_method(self.id, ch, other),
+                    }
+                } else if f.kind == FRAME_HEADER {
+                    if let Some(p) = pending.remove(&ch) {
+                        let payload = &reader.buffered()[f.payload_range()];
+                        let (_, h) =
+                            parse_content_header(payload).map_err(|_| PairError::Decode {
+                                side,
+                                what: "content header",
+                            })?;
+                        let (offset, mid) = header_fields(&h.properties);
+                        match p.held_index {
+                            Some(i) => {
+                                if let Some(d) = held_deliveries.get_mut(i) {
+                                    d.stream_offset = offset;
+                                    d.message_id = mid;
+                                }
+                            }
+                            None => self
+                                .shared
+                                .ledger()
+                                .update_delivery(self.id, ch, p.tag, offset, mid),
+                        }
+                    }
+                }
+                let bytes = &reader.buffered()[f.range()];
+                if hold_this {
+                    held_channels.insert(ch);
+                    held.extend_from_slice(bytes);
+                } else {
+                    out.extend_from_slice(bytes);
+                }
+            }
+            counters
+                .frames_from_broker
+                .fetch_add(frames, Ordering::Relaxed);
+            if !out.is_empty() {
+                cw.write_all(&out).await.map_err(|err| PairError::Io {
+                    side: "client",
+                    err,
+                })?;
+                out.clear();
+            }
+        }
+    }
+
+    fn delivery(
+        &self,
+        delivery: Delivery,
+        holding: bool,
+        hold_this: &mut bool,
+        held_deliveries: &mut Vec<Delivery>,
+        pending: &mut HashMap<u16, PendingHeader>,
+    ) {
+        let ch = delivery.channel;
+        let tag = delivery.delivery_tag;
+        if holding || *hold_this {
+            *hold_this = true;
+            held_deliveries.push(delivery);
+            self.shared
+                .counters
+                .held_deliveries
+                .fetch_add(1, Ordering::Relaxed);
+            pending.insert(
+                ch,
+                PendingHeader {
+                    tag,
+                    held_index: Some(held_deliveries.len() - 1),
+                },
+            );
+        } else {
+            self.shared.ledger().record_delivery(self.id, delivery);
+            pending.insert(
+                ch,
+                PendingHeader {
+                    tag,
+                    held_index: None,
+                },
+            );
+        }
+    }
+}
