@@ -2,7 +2,8 @@
 # Installs, builds and starts everything ms2m needs on a Debian bookworm
 # machine. Idempotent: each step checks whether its result is already there.
 #
-#   hack/setup.sh            everything (packages, CRIU, containerd, ms2m, test image, containerd started)
+#   hack/setup.sh            everything (packages, CRIU, containerd, ms2m, test image;
+#                            ms2m's containerd and RabbitMQ started)
 #   hack/setup.sh system     only the system part (packages, CRIU, containerd)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -45,8 +46,15 @@ LIST
     fi
 }
 
+# CRIU keeps its kernel-probe cache (criu.kdat) only on tmpfs; /run is not
+# tmpfs on this machine kind, so ms2m builds CRIU with its run dir on a small
+# tmpfs of its own. Without the cache every CRIU call re-probes the kernel
+# (~25-40 ms).
+CRIU_RUNDIR=/run/criu
+
 criu_ok() {
     command -v criu >/dev/null 2>&1 || return 1
+    grep -aq "$CRIU_RUNDIR/criu.kdat" "$(command -v criu)" || return 1
     local v; v="$(criu --version 2>/dev/null | awk '/^Version:/ {print $2}')"
     [ -n "$v" ] || return 1
     # Need >= 4.2 (bookworm's 3.17 and trixie's 4.1 fail on this kernel).
@@ -74,7 +82,8 @@ install_criu() {
         [ -d "$dir" ] || tar -xJf "$tarball"
         [ -d "$dir" ] || die "unpacking $tarball did not give $dir"
         log "building CRIU from $tarball (make criu)"
-        make -C "$dir" -j"$(nproc)" criu >"$src/build.log" 2>&1 || { tail -30 "$src/build.log"; die "CRIU build failed (log: $src/build.log)"; }
+        make -C "$dir" clean >/dev/null 2>&1 || true
+        make -C "$dir" -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >"$src/build.log" 2>&1 || { tail -30 "$src/build.log"; die "CRIU build failed (log: $src/build.log)"; }
         install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
     )
     criu_ok || die "CRIU installed but 'criu --version' does not report >= 4.2"
@@ -84,11 +93,21 @@ install_criu() {
 # CRIU caches its kernel probe in /run/criu.kdat, creating /run/criu.kdat.tmp
 # exclusively first. A tmp file left by an interrupted CRIU blocks the cache
 # for good, and every CRIU call then re-probes the kernel (~25 ms).
-clear_stale_criu_cache() {
-    if [ -e /run/criu.kdat.tmp ] && ! pgrep -x criu >/dev/null 2>&1; then
-        log "removing stale /run/criu.kdat.tmp"
-        rm -f /run/criu.kdat.tmp
+mount_criu_rundir() {
+    mkdir -p "$CRIU_RUNDIR"
+    if ! mountpoint -q "$CRIU_RUNDIR"; then
+        mount -t tmpfs -o mode=0700,size=1m ms2m-criu "$CRIU_RUNDIR"
     fi
+}
+
+clear_stale_criu_cache() {
+    local d
+    for d in /run "$CRIU_RUNDIR"; do
+        if [ -e "$d/criu.kdat.tmp" ] && ! pgrep -x criu >/dev/null 2>&1; then
+            log "removing stale $d/criu.kdat.tmp"
+            rm -f "$d/criu.kdat.tmp"
+        fi
+    done
 }
 
 install_containerd() {
@@ -120,12 +139,15 @@ build_ms2m() {
 main() {
     install_bookworm_packages
     install_criu
+    mount_criu_rundir
     clear_stale_criu_cache
     install_containerd
     [ "${1:-all}" = system ] && return
     build_ms2m
     "$MS2M_ROOT/hack/start-containerd.sh"
     "$MS2M_ROOT/hack/build-image.sh"
+    # The broker for the AMQP tap, its tests and the demo.
+    "$MS2M_ROOT/hack/start-rabbitmq.sh"
     log "setup complete"
 }
 

@@ -118,7 +118,11 @@ impl Features {
                 iptables: find_on_path("iptables-restore").is_some(),
                 nftables,
             },
-            criu_kdat_cache: probe_kdat_cache(Path::new("/run")),
+            criu_kdat_cache: probe_kdat_cache(Path::new(if Path::new(KDAT_DIR).is_dir() {
+                KDAT_DIR
+            } else {
+                "/run"
+            })),
             detected_at_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -194,6 +198,11 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
 }
+
+/// Where ms2m's CRIU build keeps its kernel-probe cache (`make
+/// RUNDIR=/run/criu`, a tmpfs mounted by `hack/setup.sh`): CRIU refuses to
+/// keep the cache on a `/run` that is not tmpfs, as on this project's hosts.
+pub const KDAT_DIR: &str = "/run/criu";
 
 /// CRIU (as root) caches its kernel probe in `<run>/criu.kdat`, writing
 /// `criu.kdat.tmp` (O_EXCL) and renaming it. A CRIU killed in between

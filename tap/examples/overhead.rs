@@ -121,6 +121,110 @@ async fn run(
     })
 }
 
+/// CPU cost of the tap's per-message work, without sockets: cut a
+/// deliver+header+body triple from a buffer, decode the deliver method and
+/// the content header, record it in the ledger, copy it out; then decode and
+/// apply the client's ack. Mirrors what the proxy does per message.
+fn hot_path_cost() -> Result<f64, Box<dyn std::error::Error>> {
+    use amq_protocol::frame::parsing::parse_content_header;
+    use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
+    use amq_protocol::protocol::{basic, parse_class, AMQPClass};
+    use ms2m_tap::codec::{FrameReader, FRAME_HEADER, FRAME_METHOD};
+    use ms2m_tap::ledger::{header_fields, Ledger};
+
+    let enc = |f: &AMQPFrame| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let ctx = WriteContext::from(Vec::new());
+        Ok(gen_frame(f)(ctx)
+            .map_err(|e| format!("{e:?}"))?
+            .into_inner()
+            .0)
+    };
+    let mut ledger = Ledger::new(None);
+    let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: "q".into(),
+        consumer_tag: "c".into(),
+        ..Default::default()
+    }));
+    ledger.client_method(1, 1, &consume);
+    ledger.server_method(
+        1,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: "c".into(),
+        })),
+    );
+    let n = 200_000u64;
+    let mut reader = FrameReader::new(1 << 20);
+    let mut out = Vec::with_capacity(1 << 16);
+    // "Broker" and "client" frames, pre-encoded; only the tap part is timed.
+    let frames: Vec<(Vec<u8>, Vec<u8>)> = (1..=n)
+        .map(
+            |tag| -> Result<(Vec<u8>, Vec<u8>), Box<dyn std::error::Error>> {
+                let mut b = enc(&AMQPFrame::Method(
+                    1,
+                    AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                        consumer_tag: "c".into(),
+                        delivery_tag: tag,
+                        routing_key: "q".into(),
+                        ..Default::default()
+                    })),
+                ))?;
+                b.extend(enc(&AMQPFrame::Header(
+                    1,
+                    AMQPContentHeader {
+                        class_id: 60,
+                        body_size: 8,
+                        properties: BasicProperties::default(),
+                    },
+                ))?);
+                b.extend(enc(&AMQPFrame::Body(1, vec![0u8; 8]))?);
+                let a = enc(&AMQPFrame::Method(
+                    1,
+                    AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: tag,
+                        multiple: false,
+                    })),
+                ))?;
+                Ok((b, a))
+            },
+        )
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    for (i, (bytes, ack)) in frames.iter().enumerate() {
+        let tag = 1 + i as u64;
+        reader.read_target(1 << 16).extend_from_slice(bytes);
+        while let Some(f) = reader.next_frame()? {
+            let payload = &reader.buffered()[f.payload_range()];
+            if f.kind == FRAME_METHOD {
+                if let Ok((_, AMQPClass::Basic(basic::AMQPMethod::Deliver(d)))) =
+                    parse_class(payload)
+                {
+                    let d = ledger.delivery_from_deliver(1, 1, &d);
+                    ledger.record_delivery(1, d);
+                }
+            } else if f.kind == FRAME_HEADER {
+                if let Ok((_, h)) = parse_content_header(payload) {
+                    let (o, m) = header_fields(&h.properties);
+                    ledger.update_delivery(1, 1, tag, o, m);
+                }
+            }
+            out.extend_from_slice(&reader.buffered()[f.range()]);
+        }
+        out.clear();
+        reader.read_target(1 << 16).extend_from_slice(ack);
+        while let Some(f) = reader.next_frame()? {
+            if let Ok((_, m)) = parse_class(&reader.buffered()[f.payload_range()]) {
+                ledger.client_method(1, 1, &m);
+            }
+        }
+    }
+    let per_msg_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    if ledger.unsettled() != 0 {
+        return Err("hot path benchmark left deliveries unsettled".into());
+    }
+    Ok(per_msg_us)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -165,6 +269,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("offered {rate} msg/s for {secs} s, {rounds} rounds (direct, tap alternating)");
     let (mut dt, mut tt, mut d50, mut t50, mut d99, mut t99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut diffs = vec![];
     for r in 0..rounds {
         for (name, url) in [("direct", BROKER.to_string()), ("tap", tap_url.clone())] {
             let res = run(&url, rate, secs).await?;
@@ -183,6 +288,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    for (t, d) in t50.iter().zip(&d50) {
+        diffs.push(t - d);
+    }
+    let paired = median(diffs);
     let (dt, tt) = (median(dt), median(tt));
     let (d50, t50, d99, t99) = (median(d50), median(t50), median(d99), median(t99));
     println!("direct: {dt:.0} msg/s, p50 {d50:.1} us, p99 {d99:.1} us");
@@ -195,6 +304,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "added latency p50: {:.1} us (target <= 100 us); p99: {:.1} us",
         t50 - d50,
         t99 - d99
+    );
+    println!("added latency p50, median of per-round differences: {paired:.1} us");
+    println!(
+        "tap CPU work per message (deliver+header+body and its ack, no sockets): {:.2} us",
+        hot_path_cost()?
     );
     let st = tap.stats();
     println!("tap stats: {st:?}");

@@ -14,6 +14,51 @@
 //! [`ledger::Ledger`] → bytes forwarded unchanged (except a resumed
 //! basic.consume and a clamped connection.tune frame_max) → upstream; and
 //! the same in the other direction.
+//!
+//! # Checkpoint sequence (what the shim does)
+//!
+//! ```text
+//! let q = tap.quiesce(cfg.quiesce_timeout).await;   // before freezing
+//! /* CRIU dump; in the frozen-window hook: */
+//! let cut = tap.capture_cut(&q);                     // sync, cheap
+//! manifest.extensions.insert("broker", serde_json::to_value(&cut)?);
+//! /* after the dump: */
+//! tap.release().await;          // leave-running
+//! tap.close_for_exit().await;   // exit checkpoint (or on container exit)
+//! ```
+//! On any checkpoint failure call [`Tap::release`]: holding must never
+//! outlive the checkpoint. On restore: make listeners in the *new* network
+//! namespace before the app runs and `Tap::start(config, listeners,
+//! Some(cut))`.
+//!
+//! # Guarantees and their limits
+//!
+//! - Quiesce holds deliveries (basic.deliver and basic.get-ok, and whatever
+//!   follows a held delivery on its channel, so per-channel order is kept)
+//!   and waits until every delivery already handed to the app is settled.
+//!   "Exactly once" across a checkpoint rests on the app acking *after*
+//!   processing and on the quiesce completing; when it times out the cut
+//!   lists the unsettled deliveries as `in_doubt`.
+//! - A stream's `next_offset` is the highest *acked* offset + 1 over all of
+//!   the container's consumers of that queue (nacks/rejects do not advance
+//!   it). If nothing was ever acked, the cut records the consumer's own
+//!   offset spec instead, which for `"next"` cannot name a position.
+//! - Resume: the first basic.consume on each stream queue of the cut is
+//!   rewritten to the cut, whatever offset the app asked for. Later consumes
+//!   on that queue (the app reconnecting) that ask for `"next"`/`"last"` or
+//!   give no offset are rewritten to the tap's own progress (highest acked +
+//!   1 since the restore, else the cut), so a reconnect does not skip what
+//!   arrived meanwhile; explicit positions (`"first"`, a number, a
+//!   timestamp) on later consumes are left as the app asked. RabbitMQ starts
+//!   a stream consumer at the exact offset requested (verified by the
+//!   resume test), so nothing before the cut is re-delivered. Classic queues
+//!   need no rewrite: the broker redelivers what was not acked when the old
+//!   connection closed.
+//! - Malformed or oversized frames from either side close that connection
+//!   pair with one warning; other connections are unaffected. Frame size is
+//!   capped by [`TapConfig::max_frame`] before tuning and by the negotiated
+//!   frame_max after; the broker's connection.tune frame_max is clamped to
+//!   the cap.
 
 #![deny(missing_docs)]
 

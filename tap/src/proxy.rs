@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::frame::parsing::parse_content_header;
@@ -163,6 +163,30 @@ fn decode(payload: &[u8], side: &'static str) -> Result<AMQPClass, PairError> {
         })
 }
 
+/// Count of deliveries one connection holds, mirrored into the tap-wide
+/// counter and taken back out when dropped.
+struct HeldCount<'a> {
+    counter: &'a AtomicU64,
+    n: u64,
+}
+
+impl HeldCount<'_> {
+    fn add(&mut self) {
+        self.n += 1;
+        self.counter.fetch_add(1, Ordering::Relaxed);
+    }
+    fn clear(&mut self) {
+        self.counter.fetch_sub(self.n, Ordering::Relaxed);
+        self.n = 0;
+    }
+}
+
+impl Drop for HeldCount<'_> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 /// Delivery waiting for its content header.
 struct PendingHeader {
     tag: u64,
@@ -292,6 +316,11 @@ impl Pair<'_> {
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut held: Vec<u8> = Vec::new();
         let mut held_deliveries: Vec<Delivery> = Vec::new();
+        // Keeps the tap-wide held counter right however this future ends.
+        let mut held_count = HeldCount {
+            counter: &counters.held_deliveries,
+            n: 0,
+        };
         let mut held_channels: HashSet<u16> = HashSet::new();
         let mut pending: HashMap<u16, PendingHeader> = HashMap::new();
         let mut handshake = false;
@@ -299,7 +328,7 @@ impl Pair<'_> {
         loop {
             if current != Mode::Hold && !held_channels.is_empty() {
                 // Release: record and forward what was held, in order.
-                let n = held_deliveries.len() as u64;
+                held_count.clear();
                 {
                     let mut ledger = self.shared.ledger();
                     for d in held_deliveries.drain(..) {
@@ -317,7 +346,6 @@ impl Pair<'_> {
                     })?;
                 }
                 held.clear();
-                counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
             }
             let n = tokio::select! {
                 r = ur.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
@@ -325,33 +353,27 @@ impl Pair<'_> {
                     current = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
                     match current {
                         Mode::Exit => {
-                            let n = held_deliveries.len() as u64;
-                            counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
                             held_deliveries.clear();
                             held_channels.clear();
                             let _ = cw.shutdown().await;
                             return Ok(End::Exit);
                         }
-                        Mode::Shutdown => {
-                            let n = held_deliveries.len() as u64;
-                            counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
-                            return Ok(End::Shutdown);
-                        }
+                        Mode::Shutdown => return Ok(End::Shutdown),
                         _ => continue,
                     }
                 }
             };
             if n == 0 {
-                let n = held_deliveries.len() as u64;
-                counters.held_deliveries.fetch_sub(n, Ordering::Relaxed);
                 // Whatever was decoded and forwarded already went out.
                 return Ok(End::UpstreamClosed);
             }
             if !handshake {
                 // A broker that rejects the protocol version answers with its
                 // own protocol header and closes: pass it on.
-                if reader.buffered().starts_with(b"AMQP") {
-                    if reader.pending() < 8 {
+                let b = reader.buffered();
+                let n = b.len().min(4);
+                if b[..n] == b"AMQP"[..n] {
+                    if b.len() < 8 {
                         continue;
                     }
                     cw.write_all(reader.buffered())
@@ -386,6 +408,7 @@ impl Pair<'_> {
                                 holding,
                                 &mut hold_this,
                                 &mut held_deliveries,
+                                &mut held_count,
                                 &mut pending,
                             );
                         }
@@ -397,6 +420,7 @@ impl Pair<'_> {
                                 holding,
                                 &mut hold_this,
                                 &mut held_deliveries,
+                                &mut held_count,
                                 &mut pending,
                             );
                         }
@@ -472,6 +496,7 @@ impl Pair<'_> {
         holding: bool,
         hold_this: &mut bool,
         held_deliveries: &mut Vec<Delivery>,
+        held_count: &mut HeldCount<'_>,
         pending: &mut HashMap<u16, PendingHeader>,
     ) {
         let ch = delivery.channel;
@@ -479,10 +504,7 @@ impl Pair<'_> {
         if holding || *hold_this {
             *hold_this = true;
             held_deliveries.push(delivery);
-            self.shared
-                .counters
-                .held_deliveries
-                .fetch_add(1, Ordering::Relaxed);
+            held_count.add();
             pending.insert(
                 ch,
                 PendingHeader {
