@@ -37,6 +37,8 @@ pub(crate) struct Counters {
     pub frames_from_broker: AtomicU64,
     pub held_deliveries: AtomicU64,
     pub connection_errors: AtomicU64,
+    /// Broker→client batches being processed right now.
+    pub batches_active: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -166,13 +168,21 @@ impl Tap {
     pub async fn quiesce(&self, timeout: Duration) -> Quiesce {
         let t0 = Instant::now();
         self.shared.mode.send_replace(Mode::Hold);
-        let mut unsettled = self.shared.ledger().unsettled();
-        while unsettled > 0 && t0.elapsed() < timeout {
+        // Check "no batch in progress" *before* reading the ledger: a batch
+        // that started before the hold has then recorded its deliveries, and
+        // any later batch sees the hold.
+        let settled = || {
+            let idle = self.shared.counters.batches_active.load(Ordering::SeqCst) == 0;
+            let unsettled = self.shared.ledger().unsettled();
+            (idle && unsettled == 0, unsettled)
+        };
+        let (mut done, mut unsettled) = settled();
+        while !done && t0.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(1)).await;
-            unsettled = self.shared.ledger().unsettled();
+            (done, unsettled) = settled();
         }
         let q = QuiesceReport {
-            complete: unsettled == 0,
+            complete: done,
             waited_ms: t0.elapsed().as_millis() as u64,
             timeout_ms: timeout.as_millis() as u64,
             unsettled,

@@ -8,11 +8,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::frame::parsing::parse_content_header;
-use amq_protocol::protocol::{basic, connection, parse_class, AMQPClass};
+use amq_protocol::protocol::{basic, channel, connection, parse_class, AMQPClass};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -175,6 +175,11 @@ impl HeldCount<'_> {
         self.n += 1;
         self.counter.fetch_add(1, Ordering::Relaxed);
     }
+    fn sub(&mut self, k: u64) {
+        let k = k.min(self.n);
+        self.n -= k;
+        self.counter.fetch_sub(k, Ordering::Relaxed);
+    }
     fn clear(&mut self) {
         self.counter.fetch_sub(self.n, Ordering::Relaxed);
         self.n = 0;
@@ -187,11 +192,27 @@ impl Drop for HeldCount<'_> {
     }
 }
 
+/// Counts a delivery-processing batch as active while alive.
+struct BatchGuard<'a>(&'a AtomicUsize);
+
+impl<'a> BatchGuard<'a> {
+    fn enter(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        BatchGuard(c)
+    }
+}
+
+impl Drop for BatchGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Delivery waiting for its content header.
 struct PendingHeader {
     tag: u64,
-    /// Index into the held list when the delivery is held.
-    held_index: Option<usize>,
+    /// The delivery is held (its record is in the held list).
+    held: bool,
 }
 
 impl Pair<'_> {
@@ -314,7 +335,8 @@ impl Pair<'_> {
         let counters = &self.shared.counters;
         let mut reader = FrameReader::new(self.shared.config.max_frame);
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-        let mut held: Vec<u8> = Vec::new();
+        // Held frames in arrival order, with their channel.
+        let mut held: Vec<(u16, Vec<u8>)> = Vec::new();
         let mut held_deliveries: Vec<Delivery> = Vec::new();
         // Keeps the tap-wide held counter right however this future ends.
         let mut held_count = HeldCount {
@@ -324,9 +346,12 @@ impl Pair<'_> {
         let mut held_channels: HashSet<u16> = HashSet::new();
         let mut pending: HashMap<u16, PendingHeader> = HashMap::new();
         let mut handshake = false;
-        let mut current = *mode.borrow_and_update();
+        mode.borrow_and_update();
         loop {
-            if current != Mode::Hold && !held_channels.is_empty() {
+            // The mode is read fresh (not only on change notifications) so a
+            // quiesce or release takes effect from the next batch on.
+            let now = *mode.borrow();
+            if now == Mode::Open && !held_channels.is_empty() {
                 // Release: record and forward what was held, in order.
                 held_count.clear();
                 {
@@ -337,21 +362,19 @@ impl Pair<'_> {
                 }
                 held_channels.clear();
                 for p in pending.values_mut() {
-                    p.held_index = None;
+                    p.held = false;
                 }
-                if current == Mode::Open {
-                    cw.write_all(&held).await.map_err(|err| PairError::Io {
-                        side: "client",
-                        err,
-                    })?;
-                }
-                held.clear();
+                let bytes: Vec<u8> = held.drain(..).flat_map(|(_, b)| b).collect();
+                cw.write_all(&bytes).await.map_err(|err| PairError::Io {
+                    side: "client",
+                    err,
+                })?;
             }
             let n = tokio::select! {
                 r = ur.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
                 r = mode.changed() => {
-                    current = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
-                    match current {
+                    let m = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
+                    match m {
                         Mode::Exit => {
                             held_deliveries.clear();
                             held_channels.clear();
@@ -388,7 +411,10 @@ impl Pair<'_> {
             }
             self.sync_limit(&mut reader);
             let mut frames = 0u64;
-            let holding = current == Mode::Hold;
+            // Marks a batch in progress, so a quiesce on another thread does
+            // not conclude between reading the mode and recording deliveries.
+            let _batch = BatchGuard::enter(&counters.batches_active);
+            let holding = *mode.borrow() == Mode::Hold;
             while let Some(f) = reader
                 .next_frame()
                 .map_err(|err| PairError::Codec { side, err })?
@@ -444,6 +470,21 @@ impl Pair<'_> {
                         AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
                             info!(conn = self.id, code = c.reply_code, text = %c.reply_text, "ms2m tap: broker closes connection");
                         }
+                        AMQPClass::Channel(
+                            channel::AMQPMethod::Close(_) | channel::AMQPMethod::CloseOk(_),
+                        ) if hold_this => {
+                            // The channel is going away: the broker requeues
+                            // what it delivered on it, so drop what is held
+                            // there and let the close through.
+                            let before = held_deliveries.len();
+                            held_deliveries.retain(|d| d.channel != ch);
+                            held_count.sub((before - held_deliveries.len()) as u64);
+                            held.retain(|(c, _)| *c != ch);
+                            held_channels.remove(&ch);
+                            pending.remove(&ch);
+                            hold_this = false;
+                            self.shared.ledger().server_method(self.id, ch, &m);
+                        }
                         other => self.shared.ledger().server_method(self.id, ch, other),
                     }
                 } else if f.kind == FRAME_HEADER {
@@ -455,28 +496,31 @@ impl Pair<'_> {
                                 what: "content header",
                             })?;
                         let (offset, mid) = header_fields(&h.properties);
-                        match p.held_index {
-                            Some(i) => {
-                                if let Some(d) = held_deliveries.get_mut(i) {
-                                    d.stream_offset = offset;
-                                    d.message_id = mid;
-                                }
+                        if p.held {
+                            if let Some(d) = held_deliveries
+                                .iter_mut()
+                                .rev()
+                                .find(|d| d.channel == ch && d.delivery_tag == p.tag)
+                            {
+                                d.stream_offset = offset;
+                                d.message_id = mid;
                             }
-                            None => self
-                                .shared
+                        } else {
+                            self.shared
                                 .ledger()
-                                .update_delivery(self.id, ch, p.tag, offset, mid),
+                                .update_delivery(self.id, ch, p.tag, offset, mid)
                         }
                     }
                 }
                 let bytes = &reader.buffered()[f.range()];
                 if hold_this {
                     held_channels.insert(ch);
-                    held.extend_from_slice(bytes);
+                    held.push((ch, bytes.to_vec()));
                 } else {
                     out.extend_from_slice(bytes);
                 }
             }
+            drop(_batch);
             counters
                 .frames_from_broker
                 .fetch_add(frames, Ordering::Relaxed);
@@ -505,22 +549,10 @@ impl Pair<'_> {
             *hold_this = true;
             held_deliveries.push(delivery);
             held_count.add();
-            pending.insert(
-                ch,
-                PendingHeader {
-                    tag,
-                    held_index: Some(held_deliveries.len() - 1),
-                },
-            );
+            pending.insert(ch, PendingHeader { tag, held: true });
         } else {
             self.shared.ledger().record_delivery(self.id, delivery);
-            pending.insert(
-                ch,
-                PendingHeader {
-                    tag,
-                    held_index: None,
-                },
-            );
+            pending.insert(ch, PendingHeader { tag, held: false });
         }
     }
 }

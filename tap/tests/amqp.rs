@@ -423,3 +423,58 @@ async fn stream_cut_and_resume_rewrites_consume_next() {
     let _ = OffsetSpec::Next;
     delete_queue(BROKER, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_during_hold_drops_its_held_deliveries() {
+    let h = start_tap(None);
+    let q = unique("leave");
+    let direct = connect(BROKER).await;
+    let pch = direct.create_channel().await.unwrap();
+    declare_classic(&pch, &q).await;
+    let conn = connect(&h.url()).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let _cons = consume(&ch, &q, "c", FieldTable::default()).await;
+    let report = h.tap.quiesce(Duration::from_secs(1)).await;
+    assert!(report.complete && report.waited_ms < 100, "{report:?}");
+    publish_n(&pch, &q, 0, 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.tap.stats().held, 3);
+    // closing the channel: its close-ok is not held behind the held
+    // deliveries, which are dropped (the broker requeues them)
+    tokio::time::timeout(Duration::from_secs(2), ch.close(200, "bye".into()))
+        .await
+        .expect("channel.close-ok was held")
+        .unwrap();
+    assert_eq!(h.tap.stats().held, 0);
+    // more deliveries on a second channel, then the client leaves
+    let ch2 = conn.create_channel().await.unwrap();
+    let _c2 = consume(&ch2, &q, "c2", FieldTable::default()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.tap.stats().held > 0);
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+    for _ in 0..100 {
+        if h.tap.stats().connections_active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = h.tap.stats();
+    assert_eq!((st.held, st.connections_active, st.unsettled), (0, 0, 0));
+    h.tap.release().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let n = pch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(n, 3, "held messages must be back in the queue");
+    delete_queue(BROKER, &q).await;
+}
