@@ -249,6 +249,10 @@ pub struct DumpKnobs {
     pub empty_netns: bool,
     /// Dump established TCP connections.
     pub tcp_established: bool,
+    /// Do not dump the state of established TCP connections (no repair
+    /// mode, no network lock needed for them); they are restored closed
+    /// (CRIU `tcp-close`). The restore must ask for `tcp-close` too.
+    pub tcp_close: bool,
     /// Allow external unix socket connections.
     pub ext_unix_sk: bool,
     /// The container is a shell job (terminal outside).
@@ -273,6 +277,7 @@ impl Default for DumpKnobs {
             external_netns: true,
             empty_netns: true,
             tcp_established: false,
+            tcp_close: false,
             ext_unix_sk: false,
             shell_job: false,
             file_locks: false,
@@ -548,6 +553,9 @@ impl RuncContainer {
             file_locks: Some(knobs.file_locks),
             ..Default::default()
         };
+        if knobs.tcp_close {
+            o.tcp_close = Some(true);
+        }
         match knobs.cgroups {
             Cgroups::Soft => o.manage_cgroups = Some(true),
             Cgroups::Ignore => o.manage_cgroups_mode = Some(CgMode::Ignore),

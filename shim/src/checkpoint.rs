@@ -103,6 +103,8 @@ pub struct Target {
     pub config: Arc<ShimConfig>,
     /// The container's ms2m annotations.
     pub overrides: Overrides,
+    /// The container's AMQP tap and its configuration, if it has one.
+    pub tap: Option<(ms2m_tap::Tap, ms2m_tap::TapConfig)>,
 }
 
 /// How the dump is carried out.
@@ -283,6 +285,8 @@ struct Dumped {
     criu_events: Option<serde_json::Value>,
     cgroups_mode: Option<String>,
     rounds: Option<serde_json::Value>,
+    /// The broker cut captured in the frozen window.
+    cut: Option<ms2m_tap::Cut>,
 }
 
 /// Checkpoints `target` into `image_path` and returns the manifest written
@@ -301,7 +305,13 @@ pub async fn checkpoint(
         )));
     }
     let has_tcp = netns_has_tcp(target.init_pid as u32);
-    let plan = plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
+    let mut plan = plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
+    if target.tap.is_some() {
+        plan.reason.push_str(
+            "; AMQP tap: quiesce before the freeze, cut in the frozen window, TCP restored \
+             closed (tcp-close), network lock skipped",
+        );
+    }
     tracing::info!(
         id = %id,
         strategy = plan.method.name(),
@@ -329,14 +339,84 @@ pub async fn checkpoint(
         )
     })?;
 
+    // The tap: quiesce before the freeze (holding new deliveries, waiting
+    // for the app to ack what it has), cut in the frozen window.
+    let broker = match &target.tap {
+        None => None,
+        Some((tap, tc)) => {
+            if plan.method == Method::Runc {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint of container {id}: its AMQP tap ({}) needs the direct strategy \
+                     (the broker cut is captured in CRIU's frozen window), but runc was forced",
+                    crate::config::TAP_UPSTREAM_ANNOTATION
+                )));
+            }
+            if target.criu_conf.is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "checkpoint of container {id}: its AMQP tap needs CRIU's tcp-close on \
+                     restore, which the shim passes through its own CRIU configuration file, \
+                     but the container names its own ({})",
+                    criu_bridge::config::CRIU_CONFIG_ANNOTATION
+                )));
+            }
+            let reachable =
+                crate::broker::probe_upstream(tc, std::time::Duration::from_millis(500)).await;
+            if !reachable {
+                tracing::warn!(
+                    id = %id,
+                    upstream = %tc.upstream,
+                    "the upstream broker is unreachable: the cut is the tap's ledger as it stands"
+                );
+            }
+            let q = if target.was_paused && tap.stats().unsettled > 0 {
+                // A paused container cannot ack what it was handed (`ctr
+                // task checkpoint` and `ctr c checkpoint --task` pause
+                // before they checkpoint). With new deliveries held, let it
+                // run until it has settled them (at most the bound), then
+                // pause it again: its state then advances only by work on
+                // messages it already had, which the cut accounts for.
+                quiesce_paused(target, tap, tc.quiesce_timeout).await?
+            } else {
+                tap.quiesce(tc.quiesce_timeout).await
+            };
+            tracing::info!(
+                id = %id,
+                complete = q.complete,
+                waited_ms = q.waited_ms,
+                unsettled = q.unsettled,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "tap quiesced"
+            );
+            Some((tap.clone(), q, reachable))
+        }
+    };
+
     let dump_started = Instant::now();
     let dumped = match plan.method {
         Method::Runc => dump_runc(target, image_path, &work_path, opts, &plan, &has_tcp).await,
         Method::Direct | Method::PreCopy(_) => {
-            dump_direct(target, image_path, &work_path, opts, &plan).await
+            let b = broker.as_ref().map(|(t, q, _)| (t.clone(), *q));
+            dump_direct(target, image_path, &work_path, opts, &plan, b).await
         }
     };
     let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
+
+    // Holding never outlives the checkpoint.
+    if let Some((tap, _, _)) = &broker {
+        let t0 = Instant::now();
+        let after = if dumped.is_ok() && opts.exit {
+            tap.close_for_exit().await;
+            "closed for exit"
+        } else {
+            tap.release().await;
+            "released"
+        };
+        tracing::info!(
+            id = %id,
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "tap {after} after the checkpoint"
+        );
+    }
 
     let dumped = match dumped {
         Ok(d) => d,
@@ -364,7 +444,7 @@ pub async fn checkpoint(
     });
     m.options.exit = opts.exit;
     m.options.tcp_established = opts.open_tcp;
-    m.options.tcp_close = false;
+    m.options.tcp_close = broker.is_some();
     m.options.external_unix_sockets = opts.external_unix_sockets;
     m.options.shell_job = opts.terminal;
     m.options.file_locks = opts.file_locks;
@@ -394,6 +474,18 @@ pub async fn checkpoint(
     }
     if let Some(r) = dumped.rounds {
         ext.insert("pre_copy_rounds".into(), r);
+    }
+    if let Some((_, _, reachable)) = &broker {
+        let cut = dumped.cut.as_ref().ok_or_else(|| {
+            Error::Internal(format!(
+                "{what}: the dump succeeded but the frozen-window hook captured no broker cut"
+            ))
+        })?;
+        let after = if opts.exit { "closed-for-exit" } else { "released" };
+        ext.insert(
+            crate::broker::MANIFEST_KEY.into(),
+            crate::broker::section(cut, *reachable, after)?,
+        );
     }
     m.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     m.write(image_path)
@@ -471,6 +563,7 @@ async fn dump_runc(
         criu_events: None,
         cgroups_mode: args.cgroups_mode,
         rounds: None,
+        cut: None,
     })
 }
 
@@ -482,6 +575,7 @@ async fn dump_direct(
     work_path: &Path,
     opts: &CheckpointOptions,
     plan: &Plan,
+    broker: Option<(ms2m_tap::Tap, ms2m_tap::Quiesce)>,
 ) -> Result<Dumped> {
     let id = target.id.clone();
     let rc = RuncContainer::load(&target.runc_root, &id)
@@ -490,7 +584,7 @@ async fn dump_direct(
         // Nothing in the file may override the request's options.
         criu_conf::write(conf, &CriuConfig::new())?;
     }
-    let knobs = DumpKnobs {
+    let mut knobs = DumpKnobs {
         leave_running: !opts.exit,
         work_dir: Some(work_path.to_path_buf()),
         network_lock: plan.lock,
@@ -500,6 +594,7 @@ async fn dump_direct(
         external_netns: true,
         empty_netns: true,
         tcp_established: opts.open_tcp,
+        tcp_close: false,
         ext_unix_sk: opts.external_unix_sockets,
         shell_job: opts.terminal,
         file_locks: opts.file_locks,
@@ -513,6 +608,19 @@ async fn dump_direct(
         })?;
         hooks.push(Box::new(h));
     }
+    // With a tap: the app's broker connection (to the tap, in-container
+    // loopback) is not dumped in repair mode but restored closed, so its
+    // client reconnects; nothing then needs the network lock.
+    let cut_slot = match broker {
+        Some((tap, q)) => {
+            knobs.tcp_close = true;
+            knobs.network_lock = NetworkLock::Always(LockMethod::Skip);
+            let (hook, slot) = crate::broker::CutHook::new(tap, q);
+            hooks.push(Box::new(hook));
+            Some(slot)
+        }
+        None => None,
+    };
     let guard = Dump::begin(&id, rc.freezer_cgroup().map(Path::to_path_buf));
     let client = {
         let g = guard.clone();
@@ -598,6 +706,10 @@ async fn dump_direct(
                 criu_events: serde_json::to_value(&d.outcome.events).ok(),
                 cgroups_mode: Some(cgroups_mode.to_string()),
                 rounds: rounds.map(|r| r.to_json()),
+                cut: cut_slot.and_then(|s| match s.lock() {
+                    Ok(mut g) => g.take(),
+                    Err(p) => p.into_inner().take(),
+                }),
             })
         }
         Err(boxed) => {
@@ -622,6 +734,39 @@ async fn dump_direct(
             Err(Error::Internal(msg))
         }
     }
+}
+
+/// The quiesce of a paused container: resumed with deliveries held, paused
+/// again once settled or at `bound`; on failure the tap is released.
+async fn quiesce_paused(
+    target: &Target,
+    tap: &ms2m_tap::Tap,
+    bound: std::time::Duration,
+) -> Result<ms2m_tap::Quiesce> {
+    let id = &target.id;
+    let t0 = Instant::now();
+    if let Err(e) = target.runc.resume(id).await {
+        tap.release().await;
+        return Err(Error::Internal(format!(
+            "checkpoint of container {id}: resuming the paused container so that it can \
+             settle its deliveries failed: {e}"
+        )));
+    }
+    let q = tap.quiesce(bound).await;
+    if let Err(e) = target.runc.pause(id).await {
+        tap.release().await;
+        return Err(Error::Internal(format!(
+            "checkpoint of container {id}: pausing it again after the quiesce failed \
+             (it is running): {e}"
+        )));
+    }
+    tracing::info!(
+        id = %id,
+        complete = q.complete,
+        elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
+        "paused container resumed for the quiesce and paused again"
+    );
+    Ok(q)
 }
 
 /// The pre-dump rounds of a pre-copy checkpoint.

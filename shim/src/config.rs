@@ -18,6 +18,12 @@
 //!
 //! [criu]
 //! binary = "/usr/local/sbin/criu"
+//!
+//! [tap]                         # the AMQP tap (docs/broker.md)
+//! upstream = "amqp://guest:guest@127.0.0.1:5672/%2f"   # used by annotation value `default`
+//! listen_port = 5672
+//! quiesce_timeout_ms = 2000
+//! max_frame = 1048576
 //! ```
 
 use std::collections::HashMap;
@@ -41,6 +47,13 @@ pub const STRATEGY_ANNOTATION: &str = "io.ms2m.checkpoint.strategy";
 pub const LAZY_PAGES_ANNOTATION: &str = "io.ms2m.restore.lazy-pages";
 /// Annotation: a command run while the container is frozen.
 pub const FROZEN_HOOK_ANNOTATION: &str = "io.ms2m.checkpoint.frozen-hook";
+/// Annotation: run the AMQP tap, forwarding to this broker (`amqp://...`,
+/// or `default` for the shim configuration's `[tap] upstream`).
+pub const TAP_UPSTREAM_ANNOTATION: &str = "io.ms2m.tap.upstream";
+/// Annotation: the tap's port inside the container (default `[tap] listen_port`).
+pub const TAP_PORT_ANNOTATION: &str = "io.ms2m.tap.port";
+/// Annotation: the tap's quiesce bound, ms (default `[tap] quiesce_timeout_ms`).
+pub const TAP_QUIESCE_ANNOTATION: &str = "io.ms2m.tap.quiesce-timeout-ms";
 
 /// How to checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -196,6 +209,43 @@ impl Default for CriuConfigSection {
     }
 }
 
+/// `[tap]`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TapSection {
+    /// The broker for containers whose annotation says `default`
+    /// (may hold credentials: never logged).
+    pub upstream: Option<String>,
+    /// Port of the tap inside the container.
+    pub listen_port: u16,
+    /// Bound on the quiesce before a checkpoint, ms.
+    pub quiesce_timeout_ms: u64,
+    /// Absolute cap on AMQP frame size, bytes.
+    pub max_frame: u32,
+}
+
+impl Default for TapSection {
+    fn default() -> Self {
+        TapSection {
+            upstream: None,
+            listen_port: ms2m_tap::DEFAULT_PORT,
+            quiesce_timeout_ms: 2000,
+            max_frame: ms2m_tap::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl std::fmt::Debug for TapSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapSection")
+            .field("upstream", &self.upstream.as_ref().map(|_| "<redacted>"))
+            .field("listen_port", &self.listen_port)
+            .field("quiesce_timeout_ms", &self.quiesce_timeout_ms)
+            .field("max_frame", &self.max_frame)
+            .finish()
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -206,6 +256,8 @@ pub struct ShimConfig {
     pub restore: RestoreConfig,
     /// `[criu]`.
     pub criu: CriuConfigSection,
+    /// `[tap]`.
+    pub tap: TapSection,
     /// Where it was read from (`None`: defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -226,6 +278,20 @@ impl ShimConfig {
                 "ms2m shim configuration {}: checkpoint.frozen_hook_timeout_ms must be > 0",
                 source.display()
             )));
+        }
+        if c.tap.max_frame < 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "ms2m shim configuration {}: tap.max_frame must be >= 4096 (AMQP's minimum frame size)",
+                source.display()
+            )));
+        }
+        if let Some(u) = &c.tap.upstream {
+            ms2m_tap::Upstream::parse(u).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "ms2m shim configuration {}: tap.upstream: {e}",
+                    source.display()
+                ))
+            })?;
         }
         c.source = Some(source.to_path_buf());
         Ok(c)
@@ -278,7 +344,7 @@ impl ShimConfig {
 }
 
 /// What a container's annotations override.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
     /// `io.ms2m.checkpoint.strategy`, raw.
     pub strategy: Option<String>,
@@ -286,6 +352,28 @@ pub struct Overrides {
     pub lazy_pages: Option<String>,
     /// `io.ms2m.checkpoint.frozen-hook`, raw.
     pub frozen_hook: Option<String>,
+    /// `io.ms2m.tap.upstream`, raw (may hold credentials: never logged).
+    pub tap_upstream: Option<String>,
+    /// `io.ms2m.tap.port`, raw.
+    pub tap_port: Option<String>,
+    /// `io.ms2m.tap.quiesce-timeout-ms`, raw.
+    pub tap_quiesce_timeout_ms: Option<String>,
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("strategy", &self.strategy)
+            .field("lazy_pages", &self.lazy_pages)
+            .field("frozen_hook", &self.frozen_hook)
+            .field(
+                "tap_upstream",
+                &self.tap_upstream.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tap_port", &self.tap_port)
+            .field("tap_quiesce_timeout_ms", &self.tap_quiesce_timeout_ms)
+            .finish()
+    }
 }
 
 impl Overrides {
@@ -296,7 +384,63 @@ impl Overrides {
             strategy: get(STRATEGY_ANNOTATION),
             lazy_pages: get(LAZY_PAGES_ANNOTATION),
             frozen_hook: get(FROZEN_HOOK_ANNOTATION),
+            tap_upstream: get(TAP_UPSTREAM_ANNOTATION),
+            tap_port: get(TAP_PORT_ANNOTATION),
+            tap_quiesce_timeout_ms: get(TAP_QUIESCE_ANNOTATION),
         }
+    }
+
+    /// The tap configuration of this container: `None` without the
+    /// `io.ms2m.tap.upstream` annotation; an error (naming the annotation,
+    /// never the credentials) for a bad value.
+    pub fn tap(&self, config: &ShimConfig) -> Result<Option<ms2m_tap::TapConfig>> {
+        let Some(raw) = self.tap_upstream.as_deref().map(str::trim) else {
+            return Ok(None);
+        };
+        let url = if raw.eq_ignore_ascii_case("default") {
+            config.tap.upstream.clone().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "annotation {TAP_UPSTREAM_ANNOTATION} is \"default\", but the shim \
+                     configuration{} has no [tap] upstream",
+                    config
+                        .source
+                        .as_ref()
+                        .map(|p| format!(" ({})", p.display()))
+                        .unwrap_or_default()
+                ))
+            })?
+        } else {
+            raw.to_string()
+        };
+        let mut tc = ms2m_tap::TapConfig::new(&url).map_err(|e| {
+            Error::InvalidArgument(format!("annotation {TAP_UPSTREAM_ANNOTATION}: {e}"))
+        })?;
+        tc.listen_port = match &self.tap_port {
+            Some(p) => match p.trim().parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "annotation {TAP_PORT_ANNOTATION}: {p:?} is not a port number 1..65535"
+                    )))
+                }
+            },
+            None => config.tap.listen_port,
+        };
+        let ms = match &self.tap_quiesce_timeout_ms {
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n <= 600_000 => n,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "annotation {TAP_QUIESCE_ANNOTATION}: {v:?} is not a number of \
+                         milliseconds 0..600000"
+                    )))
+                }
+            },
+            None => config.tap.quiesce_timeout_ms,
+        };
+        tc.quiesce_timeout = Duration::from_millis(ms);
+        tc.max_frame = config.tap.max_frame;
+        Ok(Some(tc))
     }
 
     /// Reads the annotations of `<bundle>/config.json`.
@@ -462,6 +606,47 @@ mod tests {
             Overrides::default().strategy(&cfg).unwrap().0,
             StrategyChoice::Auto
         );
+    }
+
+    #[test]
+    fn tap_annotations() {
+        let mut cfg = ShimConfig::default();
+        let mut a = HashMap::new();
+        assert!(Overrides::from_annotations(&a).tap(&cfg).unwrap().is_none());
+        a.insert(
+            TAP_UPSTREAM_ANNOTATION.to_string(),
+            "amqp://guest:s3cret@127.0.0.1:5673/%2f".to_string(),
+        );
+        a.insert(TAP_PORT_ANNOTATION.to_string(), "5999".to_string());
+        let o = Overrides::from_annotations(&a);
+        assert!(!format!("{o:?}").contains("s3cret"));
+        let t = o.tap(&cfg).unwrap().unwrap();
+        assert_eq!(t.listen_port, 5999);
+        assert_eq!(t.upstream.port, 5673);
+        assert_eq!(t.quiesce_timeout, Duration::from_millis(2000));
+        a.insert(TAP_QUIESCE_ANNOTATION.to_string(), "abc".to_string());
+        let e = Overrides::from_annotations(&a).tap(&cfg).unwrap_err();
+        assert!(e.to_string().contains(TAP_QUIESCE_ANNOTATION), "{e}");
+        a.remove(TAP_QUIESCE_ANNOTATION);
+        a.insert(TAP_PORT_ANNOTATION.to_string(), "0".to_string());
+        assert!(Overrides::from_annotations(&a).tap(&cfg).is_err());
+        a.remove(TAP_PORT_ANNOTATION);
+        a.insert(TAP_UPSTREAM_ANNOTATION.to_string(), "http://x:secret@y".to_string());
+        let e = Overrides::from_annotations(&a).tap(&cfg).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        a.insert(TAP_UPSTREAM_ANNOTATION.to_string(), "default".to_string());
+        assert!(Overrides::from_annotations(&a).tap(&cfg).is_err());
+        cfg = ShimConfig::parse(
+            "[tap]\nupstream = \"amqp://u:p@broker:5672/v\"\nlisten_port = 5680\nquiesce_timeout_ms = 50\n",
+            Path::new("/x.toml"),
+        )
+        .unwrap();
+        assert!(!format!("{cfg:?}").contains("u:p"));
+        let t = Overrides::from_annotations(&a).tap(&cfg).unwrap().unwrap();
+        assert_eq!((t.upstream.host.as_str(), t.listen_port), ("broker", 5680));
+        assert_eq!(t.quiesce_timeout, Duration::from_millis(50));
+        assert!(ShimConfig::parse("[tap]\nmax_frame = 10\n", Path::new("/x.toml")).is_err());
+        assert!(ShimConfig::parse("[tap]\nupstream = \"nope\"\n", Path::new("/x.toml")).is_err());
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct Container {
     pub overrides: Overrides,
     /// The lazy-pages daemon serving a lazily restored container's memory.
     pub lazy: Option<crate::restore::LazyDaemon>,
+    /// The AMQP tap configuration (`io.ms2m.tap.upstream`), if opted in.
+    pub tap_config: Option<ms2m_tap::TapConfig>,
+    /// The running AMQP tap.
+    pub tap: Option<ms2m_tap::Tap>,
 }
 
 impl Container {
@@ -176,6 +180,10 @@ pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Containe
     }
     let bundle = PathBuf::from(&req.bundle);
     let overrides = Overrides::from_bundle(&bundle)?;
+    // Bad tap annotations fail the create before anything is made.
+    let tap_config = overrides
+        .tap(&config)
+        .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
     write_options(&bundle, &options)
         .await
         .map_err(|e| Error::internal(format!("{what}: write runtime options"), e))?;
@@ -204,13 +212,30 @@ pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Containe
         Some(rootfs)
     };
 
-    let result = create_in_bundle(req, namespace, &bundle, options, rootfs.clone())
+    let mut result = create_in_bundle(req, namespace, &bundle, options, rootfs.clone())
         .await
         .map(|mut c| {
             c.config = config;
             c.overrides = overrides;
+            c.tap_config = tap_config;
             c
         });
+    // A new container's tap listens before the app runs (after `runc
+    // create` the init and its network namespace exist; `runc start` has
+    // not run yet). A restored container's tap starts after its restore.
+    if let Ok(c) = &mut result {
+        if let (Some(tc), true, None) = (&c.tap_config, c.init.pid > 0, &c.restore_from) {
+            match crate::broker::start(&c.id, c.init.pid, tc, None).await {
+                Ok(t) => c.tap = Some(t),
+                Err(e) => {
+                    if let Err(d) = c.runc.delete(&c.id, true).await {
+                        tracing::warn!(id = %c.id, "cleanup after the tap failed: {d}");
+                    }
+                    result = Err(e);
+                }
+            }
+        }
+    }
     if result.is_err() {
         if let Some(r) = &rootfs {
             unmount(r);
@@ -298,6 +323,8 @@ async fn create_in_bundle(
         config: Arc::new(ShimConfig::default()),
         overrides: Overrides::default(),
         lazy: None,
+        tap_config: None,
+        tap: None,
     })
 }
 

@@ -16,6 +16,8 @@
 //!   `runc restore` with lazy pages) and the CRIU configuration file runc
 //!   hands to CRIU.
 //! - [`frozen_window`]: hooks run while the container is frozen.
+//! - [`broker`]: the per-container AMQP tap (crate `ms2m-tap`): started at
+//!   create and restore, quiesced and cut at checkpoint.
 //! - [`inflight`]: dumps in flight; SIGTERM/SIGINT aborts them and thaws.
 //! - [`config`]: the shim's TOML configuration and per-container
 //!   annotations.
@@ -24,6 +26,7 @@
 //! - [`logging`]: tracing to containerd's shim log FIFO.
 //! - [`error`]: errors and their ttrpc codes.
 
+mod broker;
 mod checkpoint;
 mod config;
 mod container;

@@ -41,6 +41,8 @@ pub struct Target<'a> {
     pub config: &'a Arc<ShimConfig>,
     /// The container's ms2m annotations.
     pub overrides: &'a Overrides,
+    /// The AMQP tap configuration, when the container opted in.
+    pub tap: Option<&'a ms2m_tap::TapConfig>,
 }
 
 /// A lazy-pages daemon serving a restored container's memory. The shim's
@@ -96,12 +98,13 @@ fn plan_lazy(
     })
 }
 
-/// Restores the container; returns the restored init's pid, its stdio and
-/// the lazy-pages daemon serving it, if restored lazily.
+/// Restores the container; returns the restored init's pid, its stdio,
+/// the lazy-pages daemon serving it, if restored lazily, and its AMQP tap,
+/// resumed at the checkpoint's cut, when it has one.
 pub async fn restore(
     target: &Target<'_>,
     from: &RestoreSource,
-) -> Result<(i32, ProcessIo, Option<LazyDaemon>)> {
+) -> Result<(i32, ProcessIo, Option<LazyDaemon>, Option<ms2m_tap::Tap>)> {
     let id = target.id;
     let images = &from.image_path;
     let what = format!("restore of container {id} from {}", images.display());
@@ -134,6 +137,18 @@ pub async fn restore(
         .as_ref()
         .map(|m| m.options.clone())
         .unwrap_or_default();
+    let cut = match &manifest {
+        Some(m) => crate::broker::cut_of(m, images)?,
+        None => None,
+    };
+    if cut.is_some() && target.tap.is_none() {
+        tracing::warn!(
+            id,
+            "the checkpoint has a broker cut, but the container has no {} annotation: \
+             no tap, the app connects wherever its URL points",
+            crate::config::TAP_UPSTREAM_ANNOTATION
+        );
+    }
     if let Some(conf) = target.criu_conf {
         criu_conf::write(conf, &CriuConfig::new().tcp_close(dumped.tcp_close))?;
     }
@@ -246,6 +261,25 @@ pub async fn restore(
         Err(e) => tracing::warn!(id, "cannot bring lo up in the restored container: {e}"),
     }
 
+    // The app's broker connection was restored closed: its client
+    // reconnects to the tap in this new namespace, resumed at the cut.
+    let tap = match target.tap {
+        Some(tc) => match crate::broker::start(id, pid, tc, cut).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Without its tap the restored app cannot reach the broker
+                // (and would skip the cut): it does not run.
+                if let Err(k) = target.runc.kill(id, libc::SIGKILL as u32, true).await {
+                    tracing::warn!(id, "killing the restored container after the tap failed: {k}");
+                }
+                return Err(Error::Internal(format!(
+                    "{what}: restored, but its AMQP tap did not start: {e}"
+                )));
+            }
+        },
+        None => None,
+    };
+
     match read_restore_stats(&work) {
         Ok(s) => tracing::info!(
             id,
@@ -258,7 +292,7 @@ pub async fn restore(
     if temp_work && daemon.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok((pid, io, daemon))
+    Ok((pid, io, daemon, tap))
 }
 
 /// Adds where CRIU's restore log is to a restore error.

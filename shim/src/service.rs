@@ -299,7 +299,7 @@ impl Inner {
     }
 
     async fn start_init(self: &Arc<Self>, id: &str) -> Result<i32> {
-        let (runc, restore_from, stdio, bundle, no_pivot, criu_conf, config, overrides) = {
+        let (runc, restore_from, stdio, bundle, no_pivot, criu_conf, config, overrides, tap_config) = {
             let mut st = self.state.lock().await;
             let c = st.get_mut(id)?;
             let what = c.describe("");
@@ -313,6 +313,7 @@ impl Inner {
                 c.criu_conf.clone(),
                 c.config.clone(),
                 c.overrides.clone(),
+                c.tap_config.clone(),
             )
         };
         let result = match &restore_from {
@@ -327,6 +328,7 @@ impl Inner {
                     criu_conf: criu_conf.as_deref(),
                     config: &config,
                     overrides: &overrides,
+                    tap: tap_config.as_ref(),
                 };
                 restore::restore(&target, from).await.map(Some)
             }
@@ -343,9 +345,10 @@ impl Inner {
             })?;
             match result {
                 Ok(restored) => {
-                    if let Some((pid, io, lazy)) = restored {
+                    if let Some((pid, io, lazy, tap)) = restored {
                         c.init.pid = pid;
                         c.lazy = lazy;
+                        c.tap = tap;
                         if c.init.stdin_closed {
                             io.close_stdin();
                         }
@@ -564,6 +567,9 @@ impl Inner {
         };
         if let Some(oom) = &c.oom {
             oom.abort();
+        }
+        if let Some(tap) = &c.tap {
+            tap.shutdown().await;
         }
         for p in c.execs.values() {
             if let Some(io) = &p.io {
@@ -837,6 +843,7 @@ impl Inner {
                 criu_conf: c.criu_conf.clone(),
                 config: c.config.clone(),
                 overrides: c.overrides.clone(),
+                tap: c.tap.clone().zip(c.tap_config.clone()),
             }
         };
         let manifest = checkpoint::checkpoint(&target, Path::new(&image_path), &opts).await?;

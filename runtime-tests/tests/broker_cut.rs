@@ -1,0 +1,652 @@
+//! The broker cut (issue 4) end to end: consumers in containers of their own
+//! network namespace (no `--net-host`: only the shim's AMQP tap reaches the
+//! broker), opted in with the `io.ms2m.tap.upstream` annotation, their
+//! ordinary `amqp://guest:guest@localhost:5672/%2f` URL.
+//!
+//! - exit checkpoint (`ms2m checkpoint --exit`) mid-stream, a pause while
+//!   messages pile up, `ms2m restore`: 0 lost, 0 duplicated, 0 out of order,
+//!   and the manifest's `broker` cut matches the consumer's state (lapin
+//!   consumer on a stream and on a classic queue);
+//! - leave-running `ctr task checkpoint` of the pika consumer, kill, restore
+//!   from the content store: the restored state is exactly "cut prefix +
+//!   everything after"; results published by the killed source after the
+//!   cut are duplicates downstream, and only those;
+//! - a leave-running checkpoint at ~1000 msg/s: the processing pause as the
+//!   consumer's own timestamps show it (printed), nothing lost or repeated;
+//! - a quiesce that times out (the consumer SIGSTOPped): `quiesce.complete`
+//!   false and the in-doubt deliveries recorded;
+//! - a broker restart while the tap idles, a broker unreachable at
+//!   checkpoint time, hostile frames against the tap.
+//!
+//! Needs the usual prerequisites plus ms2m's RabbitMQ node
+//! (`hack/start-rabbitmq.sh`) and the release shim installed.
+
+use std::path::Path;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ms2m_runtime_tests::amqp::{
+    collect_results, digest_of, rabbitmq_available, rabbitmqctl, restart_broker_app, Checker,
+    ConsumerState, Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues, AMQP_CONSUMER,
+    PIKA_CONSUMER, PIKA_MOUNT, STATE_FILE,
+};
+use ms2m_runtime_tests::{ctr, env, ms2m, wait_until, Container, RunOpts, TestDir};
+
+/// Broker tests take it shared; those that stop the broker exclusively.
+static BROKER: RwLock<()> = RwLock::new(());
+
+/// What the app inside the container uses: the tap on its own loopback.
+const APP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
+/// The real broker, as the shim (host network namespace) reaches it.
+const UPSTREAM: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Lapin,
+    Pika,
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A consumer of `q` in a container of its own network namespace, behind
+/// the tap. Extra `ctr run` flags in `extra`.
+fn start_consumer(
+    client: Client,
+    q: &TestQueues,
+    td: &TestDir,
+    name: &str,
+    extra: &[String],
+) -> Container {
+    let log = td.join(&format!("{name}.log"));
+    let args: Vec<&str> = match client {
+        Client::Lapin => vec![AMQP_CONSUMER],
+        Client::Pika => vec!["/usr/bin/python3", PIKA_CONSUMER],
+    };
+    let mut opts = RunOpts::command(&args)
+        .flag(&format!("--annotation=io.ms2m.tap.upstream={UPSTREAM}"))
+        .flag(&format!("--env=AMQP_URL={APP_URL}"))
+        .flag(&format!("--env=QUEUE={}", q.queue))
+        .flag(&format!("--env=QUEUE_TYPE={}", q.kind.as_str()))
+        .flag(&format!("--env=RESULTS_QUEUE={}", q.results))
+        .flag(&format!("--env=CONSUMER_NAME={name}"))
+        .log_uri(&format!("file://{}", log.display()));
+    if client == Client::Pika {
+        opts = opts.flag(&format!("--mount={PIKA_MOUNT}"));
+    }
+    for f in extra {
+        opts = opts.flag(f);
+    }
+    let c = Container::run(&format!("bc-{name}"), opts);
+    wait_connects(&c, 1, Duration::from_secs(30));
+    c
+}
+
+fn try_state(c: &Container) -> Option<ConsumerState> {
+    let out = c.exec(&["cat", STATE_FILE]);
+    if out.success() {
+        ConsumerState::parse(&out.stdout)
+    } else {
+        None
+    }
+}
+
+fn wait_connects(c: &Container, n: u64, timeout: Duration) -> ConsumerState {
+    wait_until(
+        &format!("consumer {} to be consuming (connection #{n})", c.id),
+        timeout,
+        Duration::from_millis(20),
+        || try_state(c).filter(|s| s.connects >= n),
+    )
+}
+
+fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
+    wait_until(
+        &format!("consumer {} to have processed {count}", c.id),
+        timeout,
+        Duration::from_millis(20),
+        || try_state(c).filter(|s| s.count >= count),
+    )
+}
+
+fn manifest(img: &Path) -> serde_json::Value {
+    let p = img.join("ms2m-manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The `broker` cut of `queue` in a manifest.
+fn queue_cut<'a>(m: &'a serde_json::Value, queue: &str) -> &'a serde_json::Value {
+    m["broker"]["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["name"] == queue))
+        .unwrap_or_else(|| panic!("no cut of {queue} in the manifest's broker section: {m}"))
+}
+
+/// The timestamp (µs) of the consumer log line announcing connection #n.
+fn connect_logged_at(log: &Path, n: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let needle = format!("connection #{n},");
+    text.lines()
+        .filter(|l| l.contains(&needle))
+        .find_map(|l| l.split_whitespace().next()?.parse().ok())
+}
+
+/// Results ordered by processing time.
+fn by_time(results: &[ResultMsg]) -> Vec<ResultMsg> {
+    let mut r = results.to_vec();
+    r.sort_by_key(|m| m.processed_at_us);
+    r
+}
+
+/// Asserts no loss, no duplicate, order kept, and that the consumer's own
+/// state is exactly that of `1..=n`.
+fn assert_exact(c: &Container, name: &str, produced: &[u64], results: &[ResultMsg], n: u64) {
+    let report = Checker::new(produced.iter().copied()).check(results);
+    eprintln!("{name}: {report}");
+    assert!(report.is_clean(), "{name}: {report}");
+    assert_eq!(report.processed_unique as u64, n, "{name}: {report}");
+    assert_eq!(results.len() as u64, n, "{name}: surplus results: {report}");
+    let state = wait_count(c, n, Duration::from_secs(10));
+    assert_eq!(state.count, n, "{name}: state {state:?}");
+    assert_eq!(
+        state.digest,
+        digest_of(1..=n),
+        "{name}: state digest is not that of 1..={n} in order: {state:?}"
+    );
+}
+
+/// The cut is consistent with the consumer's processing: every result
+/// processed before the capture is at or below the cut, every one after is
+/// above it, and the cut equals the count at the capture.
+fn assert_cut_consistent(name: &str, results: &[ResultMsg], cut_seq: u64, captured_at_ms: u64) {
+    let at_us = captured_at_ms * 1000;
+    let before: Vec<&ResultMsg> = results
+        .iter()
+        .filter(|r| r.processed_at_us < at_us)
+        .collect();
+    let max_before = before.iter().map(|r| r.seq).max().unwrap_or(0);
+    assert_eq!(
+        max_before, cut_seq,
+        "{name}: the last seq processed before the cut's capture must be the cut"
+    );
+    assert_eq!(before.len() as u64, cut_seq, "{name}: results before the cut");
+    for r in results.iter().filter(|r| r.processed_at_us >= at_us) {
+        assert!(
+            r.seq > cut_seq,
+            "{name}: seq {} processed after the capture but at/below the cut {cut_seq}",
+            r.seq
+        );
+    }
+}
+
+/// The largest gap between consecutive processing timestamps within
+/// `window_us` of `around_us`, ms.
+fn max_gap_ms(results: &[ResultMsg], around_us: u64, window_us: u64) -> f64 {
+    let r = by_time(results);
+    r.windows(2)
+        .filter(|w| {
+            w[1].processed_at_us + window_us >= around_us
+                && w[0].processed_at_us <= around_us + window_us
+        })
+        .map(|w| (w[1].processed_at_us - w[0].processed_at_us) as f64 / 1000.0)
+        .fold(0.0, f64::max)
+}
+
+/// Exit checkpoint mid-stream, messages pile up for 1 s, restore.
+fn exit_checkpoint_and_restore(kind: QueueKind) {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new(&format!("bc-exit-{}", kind.as_str()));
+    let q = TestQueues::new(&format!("bc-exit-{}", kind.as_str()), kind);
+    let name = format!("lapin-exit-{}", kind.as_str());
+    let c = start_consumer(Client::Lapin, &q, &td, &name, &[]);
+    const N: u64 = 1500;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_count(&c, 300, Duration::from_secs(20));
+
+    let img = td.join("ck");
+    let t0 = Instant::now();
+    let out = ms2m(&["checkpoint", "--exit", "--image-path", path_str(&img), &c.id]).ok();
+    let ckpt_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("{}", out.stdout.trim_end());
+    let status = c.status();
+    assert!(
+        status.is_none() || status.as_deref() == Some("STOPPED"),
+        "after an exit checkpoint the task is {status:?}"
+    );
+    let m = manifest(&img);
+    let broker = &m["broker"];
+    eprintln!(
+        "{name}: broker section: {}",
+        serde_json::to_string_pretty(broker).unwrap_or_default()
+    );
+    assert_eq!(broker["quiesce"]["complete"], true, "{broker}");
+    assert!(
+        !broker.to_string().contains("guest:guest"),
+        "credentials in the manifest: {broker}"
+    );
+    assert_eq!(m["options"]["tcp_close"], true);
+    let qc = queue_cut(&m, &q.queue);
+    assert_eq!(qc["kind"], kind.as_str(), "{qc}");
+    assert_eq!(qc["in_flight"], 0, "{qc}");
+
+    std::thread::sleep(Duration::from_secs(1));
+    let restored_log = td.join(&format!("{name}.restored.log"));
+    let t0 = Instant::now();
+    ms2m(&[
+        "restore",
+        "--log",
+        path_str(&restored_log),
+        &c.id,
+        path_str(&img),
+    ])
+    .ok();
+    let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let restored_at = now_us();
+    let s = wait_connects(&c, 2, Duration::from_secs(30));
+    let reconnect = connect_logged_at(&restored_log, 2)
+        .map(|t| (t as f64 - restored_at as f64) / 1000.0)
+        .unwrap_or(f64::NAN);
+
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    let captured = broker["captured_at_unix_ms"].as_u64().unwrap_or(0);
+    let cut_count = results
+        .iter()
+        .filter(|r| r.processed_at_us < captured * 1000)
+        .count() as u64;
+    if kind == QueueKind::Stream {
+        // A fresh stream starts at offset 0: offset k holds seq k + 1.
+        assert_eq!(
+            qc["next_offset"].as_u64(),
+            Some(cut_count),
+            "{name}: next_offset vs the consumer's count at the cut: {qc}"
+        );
+        assert_cut_consistent(&name, &results, cut_count, captured);
+    }
+    eprintln!(
+        "{name}: checkpoint {ckpt_ms:.0} ms (quiesce {} ms, frozen {:.1} ms), restore {restore_ms:.0} ms, \
+         app reconnected {reconnect:.0} ms after the restore returned; cut at {cut_count}; state after restore {s:?}",
+        broker["quiesce"]["waited_ms"],
+        m["stats"]["frozen_time_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+    );
+    assert_exact(&c, &name, &rep.confirmed, &results, N);
+}
+
+#[test]
+fn lapin_stream_exit_checkpoint_restore_exactly_once() {
+    exit_checkpoint_and_restore(QueueKind::Stream);
+}
+
+#[test]
+fn lapin_classic_exit_checkpoint_restore_exactly_once() {
+    exit_checkpoint_and_restore(QueueKind::Classic);
+}
+
+/// Leave-running checkpoint into the content store, the source keeps
+/// running (and processing) for a while, is killed, and the checkpoint is
+/// restored from the content store.
+///
+/// What is guaranteed: the restored instance's state is exactly "the cut
+/// prefix + everything after" (its digest is that of 1..=N in order), and
+/// nothing is lost. The killed source processed (and published results
+/// for) messages after the cut: those seqs — and only those, all above the
+/// cut — appear twice downstream. Every seq at or below the cut appears
+/// exactly once.
+#[test]
+fn pika_stream_leave_running_then_kill_restore_from_content_store() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-pika-cs");
+    let q = TestQueues::new("bc-pika-cs", QueueKind::Stream);
+    let name = "pika-cs";
+    let c = start_consumer(Client::Pika, &q, &td, name, &[]);
+    const N: u64 = 1200;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_count(&c, 250, Duration::from_secs(20));
+
+    let out = c.ctr_checkpoint(&[]).ok();
+    let reference = out
+        .stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or_else(|| panic!("ctr task checkpoint printed no image name: {out}"))
+        .to_string();
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    // The source keeps processing past the cut, then dies.
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill_and_delete_task();
+    let restored_log = td.join("pika-cs.restored.log");
+    let out = ms2m(&[
+        "restore",
+        "--log",
+        path_str(&restored_log),
+        &c.id,
+        &reference,
+    ]);
+    assert!(out.success(), "ms2m restore {} {reference}: {out}", c.id);
+    eprintln!("{}", out.stdout.trim_end());
+    let _cleanup = ImageCleanup(reference.clone());
+
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+    let state = wait_count(&c, N, Duration::from_secs(30));
+    let results = collect_results(&q.results, N as usize + 400, Duration::from_secs(5));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!("{name}: {report}");
+    assert!(report.lost.is_empty(), "{name}: {report}");
+    assert!(report.unexpected.is_empty(), "{name}: {report}");
+    assert_eq!(state.count, N, "restored state {state:?}");
+    assert_eq!(
+        state.digest,
+        digest_of(1..=N),
+        "the restored state must be the cut prefix + everything after, in order: {state:?}"
+    );
+    // The cut: the restored instance's first result is cut + 1.
+    let restored_first = by_time(&results)
+        .windows(2)
+        .find(|w| w[1].seq <= w[0].seq)
+        .map(|w| w[1].seq);
+    let cut = match restored_first {
+        Some(s) => s - 1,
+        // The source died exactly at the cut: no repeat at all.
+        None => {
+            assert!(report.is_clean(), "{report}");
+            return;
+        }
+    };
+    for d in &report.duplicated {
+        assert!(
+            *d > cut,
+            "seq {d} at/below the cut {cut} was processed twice: {report}"
+        );
+    }
+    eprintln!(
+        "{name}: cut at seq {cut}; {} results of the killed source after the cut are duplicates downstream",
+        report.duplicated.len()
+    );
+}
+
+/// Removes a checkpoint image from the content store on drop.
+struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = ctr(&["images", "rm", &self.0]);
+    }
+}
+
+/// A leave-running checkpoint at ~1000 msg/s: the consumer continues on its
+/// connection, nothing lost or repeated; prints the processing pause.
+#[test]
+fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-lr");
+    let q = TestQueues::new("bc-lr", QueueKind::Stream);
+    let name = "lapin-lr";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    const N: u64 = 4000;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 1000));
+    wait_count(&c, 1000, Duration::from_secs(20));
+    let img = td.join("ck");
+    let t0 = now_us();
+    ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
+    let t1 = now_us();
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let m = manifest(&img);
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    let gap = max_gap_ms(&results, (t0 + t1) / 2, (t1 - t0) / 2 + 200_000);
+    let baseline = max_gap_ms(&results, t0.saturating_sub(1_500_000), 400_000);
+    eprintln!(
+        "{name}: leave-running checkpoint {:.0} ms wall; quiesce {} ms; CRIU frozen {:.1} ms; \
+         frozen-window hook {:.2} ms; processing pause (largest gap between consecutive \
+         results around the checkpoint) {gap:.1} ms (largest gap 1.5 s before: {baseline:.1} ms)",
+        (t1 - t0) as f64 / 1000.0,
+        m["broker"]["quiesce"]["waited_ms"],
+        m["stats"]["frozen_time_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+        m["frozen_window"]["hook_duration_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+    );
+    assert_eq!(m["broker"]["quiesce"]["complete"], true);
+    let qc = queue_cut(&m, &q.queue);
+    let captured = m["broker"]["captured_at_unix_ms"].as_u64().unwrap_or(0);
+    let cut = qc["next_offset"].as_u64().expect("a stream cut has next_offset");
+    assert_cut_consistent(name, &results, cut, captured);
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}
+
+/// The consumer cannot settle its deliveries: the broker's memory alarm
+/// blocks every publishing connection, so the consumer's confirmed result
+/// publish (and the ack after it) never completes. The quiesce times out,
+/// the cut records the in-doubt deliveries; once the alarm clears the
+/// consumer (left running) loses nothing. (A SIGSTOPped consumer would be
+/// the obvious stall, but CRIU cannot seize stopped threads in a frozen
+/// cgroup: "Zombies with threads are not supported".)
+#[test]
+fn quiesce_timeout_records_in_doubt_deliveries() {
+    env();
+    rabbitmq_available();
+    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-qt");
+    let q = TestQueues::new("bc-qt", QueueKind::Stream);
+    let name = "lapin-qt";
+    let c = start_consumer(
+        Client::Lapin,
+        &q,
+        &td,
+        name,
+        &["--annotation=io.ms2m.tap.quiesce-timeout-ms=300".to_string()],
+    );
+    const N: u64 = 600;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 500));
+    wait_count(&c, 100, Duration::from_secs(20));
+    struct Watermark;
+    impl Drop for Watermark {
+        fn drop(&mut self) {
+            let _ = rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+        }
+    }
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0.00001"]).ok();
+    let alarm = Watermark;
+    // Stalled: the count stops moving.
+    let mut last = try_state(&c).map(|s| s.count).unwrap_or(0);
+    wait_until(
+        "the consumer to stall under the memory alarm",
+        Duration::from_secs(20),
+        Duration::from_millis(700),
+        || {
+            let now = try_state(&c).map(|s| s.count).unwrap_or(0);
+            let stalled = now == last;
+            last = now;
+            stalled.then_some(())
+        },
+    );
+    let img = td.join("ck");
+    ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
+    drop(alarm);
+    let m = manifest(&img);
+    let b = &m["broker"];
+    eprintln!("{name}: {}", serde_json::to_string_pretty(b).unwrap_or_default());
+    assert_eq!(b["quiesce"]["complete"], false, "{b}");
+    assert!(b["quiesce"]["waited_ms"].as_u64().unwrap_or(0) >= 300, "{b}");
+    let qc = queue_cut(&m, &q.queue);
+    let in_doubt = qc["in_doubt"].as_array().cloned().unwrap_or_default();
+    assert!(!in_doubt.is_empty(), "no in-doubt deliveries recorded: {qc}");
+    assert_eq!(in_doubt.len() as u64, qc["in_flight"].as_u64().unwrap_or(0));
+    let next = qc["next_offset"].as_u64().unwrap_or(0);
+    assert_eq!(next, last, "the cut is the consumer's count: {qc}");
+    for d in &in_doubt {
+        let off = d["stream_offset"]
+            .as_u64()
+            .expect("stream deliveries carry offsets");
+        assert!(off >= next, "in-doubt offset {off} below the cut {next}: {qc}");
+    }
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}
+
+/// The broker restarts while the tap idles: the consumer reconnects
+/// through the tap and keeps consuming.
+#[test]
+fn broker_restart_while_tap_idle() {
+    env();
+    rabbitmq_available();
+    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-restart");
+    let q = TestQueues::new("bc-restart", QueueKind::Classic);
+    let name = "lapin-restart";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    let mut produced = Producer::run(ProducerConfig::new(&q.queue, 100, 500)).confirmed;
+    let mut results = collect_results(&q.results, 100, Duration::from_secs(30));
+    wait_count(&c, 100, Duration::from_secs(10));
+    restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
+    let s = wait_connects(&c, 2, Duration::from_secs(30));
+    eprintln!("{name}: reconnected through the tap: {s:?}");
+    produced.extend(
+        Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed,
+    );
+    results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
+    assert_exact(&c, name, &produced, &results, 200);
+}
+
+/// The broker is down at checkpoint time. Documented behaviour: the
+/// checkpoint succeeds with the cut the tap has (`upstream_reachable`
+/// false; the quiesce is complete because a dead broker connection leaves
+/// nothing in flight) and the container keeps running; it reconnects when
+/// the broker is back and loses nothing.
+#[test]
+fn broker_unreachable_at_checkpoint() {
+    env();
+    rabbitmq_available();
+    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-down");
+    let q = TestQueues::new("bc-down", QueueKind::Stream);
+    let name = "lapin-down";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    let mut produced = Producer::run(ProducerConfig::new(&q.queue, 100, 500)).confirmed;
+    let mut results = collect_results(&q.results, 100, Duration::from_secs(30));
+    wait_count(&c, 100, Duration::from_secs(10));
+    let img = td.join("ck");
+    let mut out = None;
+    restart_broker_app(|| {
+        out = Some(ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]));
+    });
+    let out = out.expect("the checkpoint ran");
+    assert!(out.success(), "checkpoint with the broker down: {out}");
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let m = manifest(&img);
+    let b = &m["broker"];
+    eprintln!("{name}: {}", serde_json::to_string_pretty(b).unwrap_or_default());
+    assert_eq!(b["upstream_reachable"], false, "{b}");
+    assert_eq!(b["quiesce"]["complete"], true, "{b}");
+    assert_eq!(queue_cut(&m, &q.queue)["next_offset"], 100, "{b}");
+    wait_connects(&c, 2, Duration::from_secs(30));
+    produced.extend(
+        Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed,
+    );
+    results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
+    assert_exact(&c, name, &produced, &results, 200);
+}
+
+/// Garbage and an oversized frame header sent to the tap from inside the
+/// container: those connections are closed, the consumer in the same
+/// container is unaffected, the shim answers.
+#[test]
+fn hostile_frames_against_the_tap() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-hostile");
+    let q = TestQueues::new("bc-hostile", QueueKind::Classic);
+    let name = "lapin-hostile";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    let producer = Producer::start(ProducerConfig::new(&q.queue, 500, 500));
+    for script in [
+        // Not AMQP at all.
+        "printf 'garbage\\r\\n\\r\\n' | nc -w 3 127.0.0.1 5672; echo rc=$?",
+        // A valid protocol header, then a method frame claiming ~4 GiB.
+        "printf 'AMQP\\000\\000\\011\\001\\001\\000\\000\\377\\377\\377\\360xxxx' | nc -w 3 127.0.0.1 5672; echo rc=$?",
+        // A frame with a bad end octet.
+        "printf 'AMQP\\000\\000\\011\\001\\001\\000\\000\\000\\000\\000\\004abcd\\177' | nc -w 3 127.0.0.1 5672; echo rc=$?",
+    ] {
+        let t0 = Instant::now();
+        let out = c.exec(&["sh", "-c", script]);
+        eprintln!(
+            "hostile {script:?}: {:.0} ms: {}",
+            t0.elapsed().as_secs_f64() * 1000.0,
+            out.stdout.trim()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the tap did not close the hostile connection"
+        );
+        assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    }
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, 500, Duration::from_secs(30));
+    assert_exact(&c, name, &rep.confirmed, &results, 500);
+    let s = wait_count(&c, 500, Duration::from_secs(5));
+    assert_eq!(s.connects, 1, "the consumer's connection was disturbed: {s:?}");
+}
+
+/// Bad tap annotations fail the create with a clear error and no
+/// credentials in it; the container is not created.
+#[test]
+fn bad_tap_annotation_fails_create() {
+    env();
+    let td = TestDir::new("bc-bad");
+    let _ = &td;
+    for (ann, what) in [
+        ("io.ms2m.tap.upstream=http://guest:s3cret@127.0.0.1", "io.ms2m.tap.upstream"),
+        ("io.ms2m.tap.port=99999", "io.ms2m.tap.port"),
+    ] {
+        let id = ms2m_runtime_tests::unique_id("bc-bad");
+        let e = env();
+        let mut args = vec![
+            "run".to_string(),
+            "-d".into(),
+            "--null-io".into(),
+            "--runtime".into(),
+            e.runtime.clone(),
+            format!("--annotation={UPSTREAM_OK}"),
+            format!("--annotation={ann}"),
+            e.image.clone(),
+            id.clone(),
+            "sleep".into(),
+            "60".into(),
+        ];
+        if ann.starts_with("io.ms2m.tap.upstream") {
+            args.remove(5);
+        }
+        let out = ctr(&args);
+        let _c = Container::adopt(&id);
+        assert!(!out.success(), "create with {ann} worked: {out}");
+        assert!(out.stderr.contains(what), "{ann}: {out}");
+        assert!(!out.stderr.contains("s3cret"), "credentials in the error: {out}");
+        assert!(
+            !ctr(&["task", "ls"]).stdout.contains(&id),
+            "a task exists after the failed create"
+        );
+    }
+}
+
+const UPSTREAM_OK: &str = "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:5672/%2f";
