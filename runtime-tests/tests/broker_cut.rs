@@ -178,7 +178,11 @@ fn assert_cut_consistent(name: &str, results: &[ResultMsg], cut_seq: u64, captur
         max_before, cut_seq,
         "{name}: the last seq processed before the cut's capture must be the cut"
     );
-    assert_eq!(before.len() as u64, cut_seq, "{name}: results before the cut");
+    assert_eq!(
+        before.len() as u64,
+        cut_seq,
+        "{name}: results before the cut"
+    );
     for r in results.iter().filter(|r| r.processed_at_us >= at_us) {
         assert!(
             r.seq > cut_seq,
@@ -216,7 +220,14 @@ fn exit_checkpoint_and_restore(kind: QueueKind) {
 
     let img = td.join("ck");
     let t0 = Instant::now();
-    let out = ms2m(&["checkpoint", "--exit", "--image-path", path_str(&img), &c.id]).ok();
+    let out = ms2m(&[
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        &c.id,
+    ])
+    .ok();
     let ckpt_ms = t0.elapsed().as_secs_f64() * 1000.0;
     eprintln!("{}", out.stdout.trim_end());
     let status = c.status();
@@ -427,7 +438,9 @@ fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
     assert_eq!(m["broker"]["quiesce"]["complete"], true);
     let qc = queue_cut(&m, &q.queue);
     let captured = m["broker"]["captured_at_unix_ms"].as_u64().unwrap_or(0);
-    let cut = qc["next_offset"].as_u64().expect("a stream cut has next_offset");
+    let cut = qc["next_offset"]
+        .as_u64()
+        .expect("a stream cut has next_offset");
     assert_cut_consistent(name, &results, cut, captured);
     assert_exact(&c, name, &rep.confirmed, &results, N);
 }
@@ -454,9 +467,16 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
         name,
         &["--annotation=io.ms2m.tap.quiesce-timeout-ms=300".to_string()],
     );
-    const N: u64 = 600;
-    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 500));
-    wait_count(&c, 100, Duration::from_secs(20));
+    // A backlog first (published as fast as confirms allow): the consumer
+    // must still be receiving deliveries when the alarm blocks its result
+    // publishes, or it would simply idle with nothing in flight.
+    const N: u64 = 3000;
+    let rep = Producer::run(ProducerConfig::new(&q.queue, N, 0));
+    let s = wait_count(&c, 50, Duration::from_secs(20));
+    assert!(
+        s.count < N / 2,
+        "the consumer is too fast for this test: {s:?}"
+    );
     struct Watermark;
     impl Drop for Watermark {
         fn drop(&mut self) {
@@ -483,12 +503,21 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
     drop(alarm);
     let m = manifest(&img);
     let b = &m["broker"];
-    eprintln!("{name}: {}", serde_json::to_string_pretty(b).unwrap_or_default());
+    eprintln!(
+        "{name}: {}",
+        serde_json::to_string_pretty(b).unwrap_or_default()
+    );
     assert_eq!(b["quiesce"]["complete"], false, "{b}");
-    assert!(b["quiesce"]["waited_ms"].as_u64().unwrap_or(0) >= 300, "{b}");
+    assert!(
+        b["quiesce"]["waited_ms"].as_u64().unwrap_or(0) >= 300,
+        "{b}"
+    );
     let qc = queue_cut(&m, &q.queue);
     let in_doubt = qc["in_doubt"].as_array().cloned().unwrap_or_default();
-    assert!(!in_doubt.is_empty(), "no in-doubt deliveries recorded: {qc}");
+    assert!(
+        !in_doubt.is_empty(),
+        "no in-doubt deliveries recorded: {qc}"
+    );
     assert_eq!(in_doubt.len() as u64, qc["in_flight"].as_u64().unwrap_or(0));
     let next = qc["next_offset"].as_u64().unwrap_or(0);
     assert_eq!(next, last, "the cut is the consumer's count: {qc}");
@@ -496,10 +525,12 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
         let off = d["stream_offset"]
             .as_u64()
             .expect("stream deliveries carry offsets");
-        assert!(off >= next, "in-doubt offset {off} below the cut {next}: {qc}");
+        assert!(
+            off >= next,
+            "in-doubt offset {off} below the cut {next}: {qc}"
+        );
     }
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
     assert_exact(&c, name, &rep.confirmed, &results, N);
 }
@@ -521,9 +552,8 @@ fn broker_restart_while_tap_idle() {
     restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
     let s = wait_connects(&c, 2, Duration::from_secs(30));
     eprintln!("{name}: reconnected through the tap: {s:?}");
-    produced.extend(
-        Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed,
-    );
+    produced
+        .extend(Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed);
     results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
     assert_exact(&c, name, &produced, &results, 200);
 }
@@ -555,14 +585,16 @@ fn broker_unreachable_at_checkpoint() {
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     let m = manifest(&img);
     let b = &m["broker"];
-    eprintln!("{name}: {}", serde_json::to_string_pretty(b).unwrap_or_default());
+    eprintln!(
+        "{name}: {}",
+        serde_json::to_string_pretty(b).unwrap_or_default()
+    );
     assert_eq!(b["upstream_reachable"], false, "{b}");
     assert_eq!(b["quiesce"]["complete"], true, "{b}");
     assert_eq!(queue_cut(&m, &q.queue)["next_offset"], 100, "{b}");
     wait_connects(&c, 2, Duration::from_secs(30));
-    produced.extend(
-        Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed,
-    );
+    produced
+        .extend(Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed);
     results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
     assert_exact(&c, name, &produced, &results, 200);
 }
@@ -605,7 +637,10 @@ fn hostile_frames_against_the_tap() {
     let results = collect_results(&q.results, 500, Duration::from_secs(30));
     assert_exact(&c, name, &rep.confirmed, &results, 500);
     let s = wait_count(&c, 500, Duration::from_secs(5));
-    assert_eq!(s.connects, 1, "the consumer's connection was disturbed: {s:?}");
+    assert_eq!(
+        s.connects, 1,
+        "the consumer's connection was disturbed: {s:?}"
+    );
 }
 
 /// Bad tap annotations fail the create with a clear error and no
@@ -616,7 +651,10 @@ fn bad_tap_annotation_fails_create() {
     let td = TestDir::new("bc-bad");
     let _ = &td;
     for (ann, what) in [
-        ("io.ms2m.tap.upstream=http://guest:s3cret@127.0.0.1", "io.ms2m.tap.upstream"),
+        (
+            "io.ms2m.tap.upstream=http://guest:s3cret@127.0.0.1",
+            "io.ms2m.tap.upstream",
+        ),
         ("io.ms2m.tap.port=99999", "io.ms2m.tap.port"),
     ] {
         let id = ms2m_runtime_tests::unique_id("bc-bad");
@@ -641,7 +679,10 @@ fn bad_tap_annotation_fails_create() {
         let _c = Container::adopt(&id);
         assert!(!out.success(), "create with {ann} worked: {out}");
         assert!(out.stderr.contains(what), "{ann}: {out}");
-        assert!(!out.stderr.contains("s3cret"), "credentials in the error: {out}");
+        assert!(
+            !out.stderr.contains("s3cret"),
+            "credentials in the error: {out}"
+        );
         assert!(
             !ctr(&["task", "ls"]).stdout.contains(&id),
             "a task exists after the failed create"
@@ -650,3 +691,72 @@ fn bad_tap_annotation_fails_create() {
 }
 
 const UPSTREAM_OK: &str = "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Failed checkpoints never leave deliveries held: a dump into a read-only
+/// directory fails after the quiesce (the tap is released, the consumer
+/// goes on), and a forced `runc` strategy is refused before anything is
+/// held. Nothing is lost either way.
+#[test]
+fn failed_checkpoints_release_the_tap() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-fail");
+    let q = TestQueues::new("bc-fail", QueueKind::Stream);
+    let name = "lapin-fail";
+    let c = start_consumer(
+        Client::Lapin,
+        &q,
+        &td,
+        name,
+        &["--annotation=io.ms2m.checkpoint.strategy=runc".to_string()],
+    );
+    const N: u64 = 900;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_count(&c, 100, Duration::from_secs(20));
+    let out = ms2m(&[
+        "checkpoint",
+        "--image-path",
+        path_str(&td.join("runc")),
+        &c.id,
+    ]);
+    assert!(
+        !out.success(),
+        "a tap with a forced runc strategy was checkpointed"
+    );
+    assert!(out.stderr.contains("direct strategy"), "{out}");
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let before = wait_count(&c, 1, Duration::from_secs(5)).count;
+    wait_count(&c, before + 50, Duration::from_secs(10));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}
+
+#[test]
+fn failed_dump_releases_the_tap() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-faildump");
+    let q = TestQueues::new("bc-faildump", QueueKind::Stream);
+    let name = "lapin-faildump";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    const N: u64 = 900;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_count(&c, 100, Duration::from_secs(20));
+    let ro = td.join("ro");
+    ms2m_runtime_tests::mount_readonly_tmpfs(&td, &ro);
+    let out = ms2m(&["checkpoint", "--image-path", path_str(&ro), &c.id]);
+    assert!(
+        !out.success(),
+        "a checkpoint into a read-only tmpfs worked: {out}"
+    );
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    let before = wait_count(&c, 1, Duration::from_secs(5)).count;
+    // Deliveries flow again (a held tap would stall the consumer).
+    wait_count(&c, before + 50, Duration::from_secs(10));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}

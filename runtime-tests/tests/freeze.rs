@@ -91,9 +91,10 @@ fn criu_of(shim_pid: u32) -> Option<u32> {
         if ppid != Some(shim_pid) {
             continue;
         }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("criu") && cmd.contains("swrk") {
+        // By name, not command line: once dumping, CRIU retitles itself
+        // ("criu: dump --rpc -t PID"), so "swrk" is gone from its cmdline.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "criu" {
             return Some(pid);
         }
     }

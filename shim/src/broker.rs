@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ms2m_tap::{Cut, Quiesce, Tap, TapConfig};
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::frozen_window::{FrozenContext, FrozenWindow};
@@ -26,12 +27,7 @@ pub const MANIFEST_KEY: &str = "broker";
 
 /// Binds the tap's listeners in the network namespace of `pid` (bringing
 /// `lo` up first: a restored namespace has it down) and starts the tap.
-pub async fn start(
-    id: &str,
-    pid: i32,
-    config: &TapConfig,
-    resume: Option<Cut>,
-) -> Result<Tap> {
+pub async fn start(id: &str, pid: i32, config: &TapConfig, resume: Option<Cut>) -> Result<Tap> {
     let t0 = Instant::now();
     let port = config.listen_port;
     let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
@@ -53,7 +49,11 @@ pub async fn start(
         tracing::warn!(id, "tap: cannot bring lo up in the container: {e}");
     }
     let resumed = resume.as_ref().map(|c| c.queues.len());
+    // The tap's connection tasks carry this span: their log lines name
+    // the container.
+    let span = tracing::info_span!(parent: None, "tap", id);
     let tap = Tap::start(config.clone(), listeners, resume)
+        .instrument(span)
         .await
         .map_err(|e| Error::Internal(format!("AMQP tap of container {id}: {e}")))?;
     tracing::info!(
@@ -74,12 +74,14 @@ pub fn cut_of(manifest: &criu_bridge::manifest::Manifest, images: &Path) -> Resu
     let Some(v) = manifest.extensions.get(MANIFEST_KEY) else {
         return Ok(None);
     };
-    serde_json::from_value::<Cut>(v.clone()).map(Some).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "checkpoint {}: the manifest's {MANIFEST_KEY} section is malformed: {e}",
-            images.display()
-        ))
-    })
+    serde_json::from_value::<Cut>(v.clone())
+        .map(Some)
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "checkpoint {}: the manifest's {MANIFEST_KEY} section is malformed: {e}",
+                images.display()
+            ))
+        })
 }
 
 /// Whether the upstream broker accepts TCP connections (bounded wait).
@@ -96,18 +98,31 @@ pub struct CutHook {
     tap: Tap,
     quiesce: Quiesce,
     cut: Arc<Mutex<Option<Cut>>>,
+    /// Release held deliveries right after the capture (leave-running).
+    release: Option<tokio::runtime::Handle>,
 }
 
 impl CutHook {
     /// A hook capturing `tap`'s cut after `quiesce`; the cut lands in the
-    /// returned slot.
-    pub fn new(tap: Tap, quiesce: Quiesce) -> (CutHook, Arc<Mutex<Option<Cut>>>) {
+    /// returned slot. With `release_after`, held deliveries are released as
+    /// soon as the cut is taken. Must be called inside the tokio runtime.
+    pub fn new(
+        tap: Tap,
+        quiesce: Quiesce,
+        release_after: bool,
+    ) -> (CutHook, Arc<Mutex<Option<Cut>>>) {
         let cut = Arc::new(Mutex::new(None));
+        let release = if release_after {
+            tokio::runtime::Handle::try_current().ok()
+        } else {
+            None
+        };
         (
             CutHook {
                 tap,
                 quiesce,
                 cut: cut.clone(),
+                release,
             },
             cut,
         )
@@ -131,6 +146,10 @@ impl FrozenWindow for CutHook {
             Ok(mut slot) => *slot = Some(cut),
             Err(p) => *p.into_inner() = Some(cut),
         }
+        if let Some(h) = &self.release {
+            let tap = self.tap.clone();
+            h.spawn(async move { tap.release().await });
+        }
         Ok(summary)
     }
 }
@@ -147,4 +166,38 @@ pub fn section(cut: &Cut, upstream_reachable: bool, after: &str) -> Result<serde
         o.insert("after_checkpoint".into(), serde_json::Value::from(after));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut() -> Cut {
+        Cut {
+            schema: ms2m_tap::cut::CUT_SCHEMA.into(),
+            upstream: "amqp://127.0.0.1:5672/%2f".into(),
+            captured_at: "2026-01-01T00:00:00.000Z".into(),
+            captured_at_unix_ms: 1,
+            connections: 1,
+            queues: vec![],
+            quiesce: Quiesce::default(),
+        }
+    }
+
+    #[test]
+    fn section_round_trips_through_the_manifest() {
+        let v = section(&cut(), false, "released").unwrap();
+        assert_eq!(v["upstream_reachable"], false);
+        assert_eq!(v["after_checkpoint"], "released");
+        let mut m = criu_bridge::manifest::Manifest::new("c1");
+        m.extensions.insert(MANIFEST_KEY.into(), v);
+        let back = cut_of(&m, Path::new("/x")).unwrap().unwrap();
+        assert_eq!(back, cut());
+        m.extensions
+            .insert(MANIFEST_KEY.into(), serde_json::json!({"schema": 1}));
+        let e = cut_of(&m, Path::new("/x")).unwrap_err();
+        assert!(e.to_string().contains("malformed"), "{e}");
+        m.extensions.remove(MANIFEST_KEY);
+        assert!(cut_of(&m, Path::new("/x")).unwrap().is_none());
+    }
 }

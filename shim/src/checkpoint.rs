@@ -481,7 +481,11 @@ pub async fn checkpoint(
                 "{what}: the dump succeeded but the frozen-window hook captured no broker cut"
             ))
         })?;
-        let after = if opts.exit { "closed-for-exit" } else { "released" };
+        let after = if opts.exit {
+            "closed-for-exit"
+        } else {
+            "released"
+        };
         ext.insert(
             crate::broker::MANIFEST_KEY.into(),
             crate::broker::section(cut, *reachable, after)?,
@@ -615,12 +619,22 @@ async fn dump_direct(
         Some((tap, q)) => {
             knobs.tcp_close = true;
             knobs.network_lock = NetworkLock::Always(LockMethod::Skip);
-            let (hook, slot) = crate::broker::CutHook::new(tap, q);
+            // Leave-running: held deliveries may flow as soon as the cut
+            // is taken (the app's socket queues are not dumped with
+            // tcp-close); the app finds them when it thaws.
+            let (hook, slot) = crate::broker::CutHook::new(tap, q, !opts.exit);
             hooks.push(Box::new(hook));
             Some(slot)
         }
         None => None,
     };
+    // With a tap, a leave-running dump freezes the container itself first,
+    // polling every 0.2 ms: the app idles from the quiesce on, and CRIU's
+    // own freezer loop sleeps 100 ms whenever the cgroup is not frozen at
+    // its first look. CRIU then leaves it frozen; it is thawed right after.
+    let pre_freeze = (cut_slot.is_some() && !opts.exit && !target.was_paused)
+        .then(|| rc.freezer_cgroup().map(Path::to_path_buf))
+        .flatten();
     let guard = Dump::begin(&id, rc.freezer_cgroup().map(Path::to_path_buf));
     let client = {
         let g = guard.clone();
@@ -673,6 +687,20 @@ async fn dump_direct(
             frozen = Some(rec);
             res
         };
+        let prefrozen = match &pre_freeze {
+            Some(cg) => match freeze_now(cg, std::time::Duration::from_secs(2)) {
+                Ok(ms) => {
+                    tracing::info!(freeze_ms = ms, "frozen by the shim before the dump");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("pre-freeze failed, CRIU freezes: {e}");
+                    let _ = thaw(cg);
+                    false
+                }
+            },
+            None => false,
+        };
         let t0 = Instant::now();
         let result = match &rounds {
             Some(r) => {
@@ -682,6 +710,11 @@ async fn dump_direct(
             }
             None => rc.dump(&client, &images, &knobs, Some(&mut notify)),
         };
+        if let (true, Some(cg)) = (prefrozen, &pre_freeze) {
+            if let Err(e) = thaw(cg) {
+                tracing::error!("thawing the container after the dump failed: {e}");
+            }
+        }
         tracing::debug!(
             elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
             "criu dump returned"
@@ -734,6 +767,34 @@ async fn dump_direct(
             Err(Error::Internal(msg))
         }
     }
+}
+
+/// Freezes the freezer cgroup `cg` (v1), polling its state; returns the ms
+/// it took.
+fn freeze_now(cg: &Path, bound: std::time::Duration) -> std::io::Result<f64> {
+    let t0 = Instant::now();
+    let state = cg.join("freezer.state");
+    std::fs::write(&state, "FROZEN")?;
+    loop {
+        let s = std::fs::read_to_string(&state)?;
+        if s.trim() == "FROZEN" {
+            return Ok(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        if t0.elapsed() > bound {
+            return Err(std::io::Error::other(format!(
+                "{} still {} after {} ms",
+                state.display(),
+                s.trim(),
+                bound.as_millis()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Thaws the freezer cgroup `cg` (v1).
+fn thaw(cg: &Path) -> std::io::Result<()> {
+    std::fs::write(cg.join("freezer.state"), "THAWED")
 }
 
 /// The quiesce of a paused container: resumed with deliveries held, paused

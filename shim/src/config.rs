@@ -631,7 +631,10 @@ mod tests {
         a.insert(TAP_PORT_ANNOTATION.to_string(), "0".to_string());
         assert!(Overrides::from_annotations(&a).tap(&cfg).is_err());
         a.remove(TAP_PORT_ANNOTATION);
-        a.insert(TAP_UPSTREAM_ANNOTATION.to_string(), "http://x:secret@y".to_string());
+        a.insert(
+            TAP_UPSTREAM_ANNOTATION.to_string(),
+            "http://x:secret@y".to_string(),
+        );
         let e = Overrides::from_annotations(&a).tap(&cfg).unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
         a.insert(TAP_UPSTREAM_ANNOTATION.to_string(), "default".to_string());

@@ -270,7 +270,10 @@ pub async fn restore(
                 // Without its tap the restored app cannot reach the broker
                 // (and would skip the cut): it does not run.
                 if let Err(k) = target.runc.kill(id, libc::SIGKILL as u32, true).await {
-                    tracing::warn!(id, "killing the restored container after the tap failed: {k}");
+                    tracing::warn!(
+                        id,
+                        "killing the restored container after the tap failed: {k}"
+                    );
                 }
                 return Err(Error::Internal(format!(
                     "{what}: restored, but its AMQP tap did not start: {e}"

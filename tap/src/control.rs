@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::cut::{rfc3339_utc, Cut, QuiesceReport, CUT_SCHEMA};
 use crate::ledger::Ledger;
@@ -125,7 +125,7 @@ impl Tap {
                 .local_addr()
                 .map_err(|e| TapError::io("reading a listener's address", e))?;
             addrs.push(addr);
-            tokio::spawn(proxy::accept_loop(shared.clone(), l, addr));
+            tokio::spawn(proxy::accept_loop(shared.clone(), l, addr).in_current_span());
         }
         info!(
             upstream = %shared.config.upstream,

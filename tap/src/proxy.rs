@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::codec::{self, CodecError, FrameReader, FRAME_HEADER, FRAME_METHOD};
 use crate::control::{Mode, Shared};
@@ -62,7 +62,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, addr
                         continue;
                     }
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(serve(shared.clone(), sock, peer, id));
+                    tokio::spawn(serve(shared.clone(), sock, peer, id).in_current_span());
                 }
                 Err(e) => {
                     warn!(%addr, "ms2m tap: accept failed: {e}");
