@@ -358,6 +358,11 @@ def report(stamp, meta):
             miss |= not ok
             checks.append("target lazy_flatness restore_to_running %d/%d MiB: %.2f (target <= %.2f) %s"
                           % (hi, lo, a / b, TARGET_FLAT_RATIO, "OK" if ok else "MISS"))
+            mins = [summary("restore_to_running_ms_%dmib" % x, "lazy")["min"]
+                    for x in (hi, lo)]
+            if mins[0] is not None and mins[1]:
+                checks.append("ratio lazy restore_to_running %d/%d MiB of the minima: %.2f (info: least disturbed runs)"
+                              % (hi, lo, mins[0] / mins[1]))
         for v in VARIANTS:
             if v == "lazy":
                 continue

@@ -258,9 +258,7 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
     }
     std::thread::sleep(Duration::from_millis(300));
     producer.stop();
-    let rep = producer
-        .join()
-        .unwrap_or_else(|e| panic!("producer: {e}"));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let n = rep.confirmed.len() as u64;
     log(&format!(
         "{k}: {cycles} cycles in {:.0} s; producer confirmed {n}; waiting for the consumer",
@@ -270,7 +268,8 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
     let results = collect_results(&q.results, n as usize, Duration::from_secs(120));
     let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
     log(&format!("{k}: {report}"));
-    let digest_ok = state.digest == ms2m_runtime_tests::amqp::digest_of(rep.confirmed.iter().copied());
+    let digest_ok =
+        state.digest == ms2m_runtime_tests::amqp::digest_of(rep.confirmed.iter().copied());
     let v = format!("lapin-{k}");
     let extra = serde_json::json!({
         "cycles": cycles, "rate": rate, "produced": n, "results": results.len(),
@@ -278,16 +277,76 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
         "state_count": state.count, "state_digest_matches": digest_ok,
         "connects": state.connects, "quiesce_incomplete": quiesce_incomplete,
     });
-    figure("broker_lost", &v, "messages", &[report.lost.len() as f64], extra.clone());
-    figure("broker_duplicated", &v, "messages", &[report.duplicated.len() as f64], extra.clone());
-    figure("broker_out_of_order", &v, "messages", &[report.out_of_order as f64], extra);
-    figure("broker_cycle_ms", &v, "ms", &cycle_ms, serde_json::json!({"what": "ms2m checkpoint --exit start to the consumer's next basic.consume (its log)"}));
-    figure("broker_cycle_checkpoint_ms", &v, "ms", &ckpt_ms, serde_json::json!({}));
-    figure("broker_cycle_restore_ms", &v, "ms", &restore_ms, serde_json::json!({}));
-    figure("broker_cycle_reconnect_ms", &v, "ms", &reconnect_ms, serde_json::json!({"what": "restore returned to the consumer's basic.consume"}));
-    figure("broker_cycle_quiesce_ms", &v, "ms", &quiesce_ms, serde_json::json!({}));
-    figure("broker_cycle_frozen_ms", &v, "ms", &frozen_ms, serde_json::json!({}));
-    figure("broker_cycle_cut_advance", &v, "messages", &cut_advance, serde_json::json!({"what": if kind == QueueKind::Stream { "next_offset growth between consecutive cuts" } else { "acks on the restored connection before the next cut" }}));
+    figure(
+        "broker_lost",
+        &v,
+        "messages",
+        &[report.lost.len() as f64],
+        extra.clone(),
+    );
+    figure(
+        "broker_duplicated",
+        &v,
+        "messages",
+        &[report.duplicated.len() as f64],
+        extra.clone(),
+    );
+    figure(
+        "broker_out_of_order",
+        &v,
+        "messages",
+        &[report.out_of_order as f64],
+        extra,
+    );
+    figure(
+        "broker_cycle_ms",
+        &v,
+        "ms",
+        &cycle_ms,
+        serde_json::json!({"what": "ms2m checkpoint --exit start to the consumer's next basic.consume (its log)"}),
+    );
+    figure(
+        "broker_cycle_checkpoint_ms",
+        &v,
+        "ms",
+        &ckpt_ms,
+        serde_json::json!({}),
+    );
+    figure(
+        "broker_cycle_restore_ms",
+        &v,
+        "ms",
+        &restore_ms,
+        serde_json::json!({}),
+    );
+    figure(
+        "broker_cycle_reconnect_ms",
+        &v,
+        "ms",
+        &reconnect_ms,
+        serde_json::json!({"what": "restore returned to the consumer's basic.consume"}),
+    );
+    figure(
+        "broker_cycle_quiesce_ms",
+        &v,
+        "ms",
+        &quiesce_ms,
+        serde_json::json!({}),
+    );
+    figure(
+        "broker_cycle_frozen_ms",
+        &v,
+        "ms",
+        &frozen_ms,
+        serde_json::json!({}),
+    );
+    figure(
+        "broker_cycle_cut_advance",
+        &v,
+        "messages",
+        &cut_advance,
+        serde_json::json!({"what": if kind == QueueKind::Stream { "next_offset growth between consecutive cuts" } else { "acks on the restored connection before the next cut" }}),
+    );
     let clean = report.is_clean() && digest_ok && state.count == n && results.len() as u64 == n;
     if !clean {
         log(&format!(
@@ -350,7 +409,10 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
 
     // (variant, t0, t1, quiesce ms, frozen ms)
     let mut marks: Vec<(&str, u64, u64, f64, f64)> = vec![];
-    let plan: Vec<&str> = (0..runs).map(|_| "ms2m-checkpoint").chain((0..ctr_runs).map(|_| "ctr-task-checkpoint")).collect();
+    let plan: Vec<&str> = (0..runs)
+        .map(|_| "ms2m-checkpoint")
+        .chain((0..ctr_runs).map(|_| "ctr-task-checkpoint"))
+        .collect();
     for (i, variant) in plan.iter().enumerate() {
         std::thread::sleep(Duration::from_millis(1500));
         let img = td.join(&format!("lr{i}"));
@@ -390,9 +452,7 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
     }
     std::thread::sleep(Duration::from_millis(500));
     producer.stop();
-    let rep = producer
-        .join()
-        .unwrap_or_else(|e| panic!("producer: {e}"));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let n = rep.confirmed.len() as u64;
     let state = wait_count(&c, n, Duration::from_secs(60));
     let results = collect_results(&q.results, n as usize, Duration::from_secs(60));
@@ -411,7 +471,12 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
             // Gaps that touch the checkpoint command (plus 200 ms after it:
             // the consumer's backlog drains after the thaw).
             let g = max_gap_us(&results, *t0, *t1 + 200_000) as f64 / 1000.0;
-            let b = max_gap_us(&results, t0.saturating_sub(1_200_000), t0.saturating_sub(400_000)) as f64 / 1000.0;
+            let b = max_gap_us(
+                &results,
+                t0.saturating_sub(1_200_000),
+                t0.saturating_sub(400_000),
+            ) as f64
+                / 1000.0;
             gap.push(g);
             pause.push((g - nominal_ms).max(0.0));
             base.push(b);
@@ -424,16 +489,66 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
         } else {
             "ctr task checkpoint --image-path (ctr pauses the task around it)"
         };
-        log(&format!("{variant}: pauses {pause:?} ms, baseline gaps {base:?} ms"));
-        figure("processing_pause_ms", variant, "ms", &pause, serde_json::json!({"rate": rate, "what": what, "nominal_spacing_ms": nominal_ms, "exact": report.is_clean()}));
-        figure("processing_max_gap_ms", variant, "ms", &gap, serde_json::json!({}));
-        figure("processing_baseline_gap_ms", variant, "ms", &base, serde_json::json!({"what": "largest gap 1.2 s to 0.4 s before each checkpoint"}));
-        figure("leave_running_checkpoint_wall_ms", variant, "ms", &wall, serde_json::json!({}));
-        figure("leave_running_quiesce_ms", variant, "ms", &qz, serde_json::json!({}));
-        figure("leave_running_frozen_ms", variant, "ms", &fz, serde_json::json!({}));
+        log(&format!(
+            "{variant}: pauses {pause:?} ms, baseline gaps {base:?} ms"
+        ));
+        figure(
+            "processing_pause_ms",
+            variant,
+            "ms",
+            &pause,
+            serde_json::json!({"rate": rate, "what": what, "nominal_spacing_ms": nominal_ms, "exact": report.is_clean()}),
+        );
+        figure(
+            "processing_max_gap_ms",
+            variant,
+            "ms",
+            &gap,
+            serde_json::json!({}),
+        );
+        figure(
+            "processing_baseline_gap_ms",
+            variant,
+            "ms",
+            &base,
+            serde_json::json!({"what": "largest gap 1.2 s to 0.4 s before each checkpoint"}),
+        );
+        figure(
+            "leave_running_checkpoint_wall_ms",
+            variant,
+            "ms",
+            &wall,
+            serde_json::json!({}),
+        );
+        figure(
+            "leave_running_quiesce_ms",
+            variant,
+            "ms",
+            &qz,
+            serde_json::json!({}),
+        );
+        figure(
+            "leave_running_frozen_ms",
+            variant,
+            "ms",
+            &fz,
+            serde_json::json!({}),
+        );
     }
-    figure("shim_rss_tap_mib", RUNTIME, "MiB", &rss, serde_json::json!({"rate": rate, "what": "VmRSS of containerd-shim-ms2m-v1 serving the container, tap active, sampled every 250 ms before any checkpoint"}));
-    figure("shim_rss_tap_after_checkpoints_mib", RUNTIME, "MiB", &rss_after, serde_json::json!({"rate": rate}));
+    figure(
+        "shim_rss_tap_mib",
+        RUNTIME,
+        "MiB",
+        &rss,
+        serde_json::json!({"rate": rate, "what": "VmRSS of containerd-shim-ms2m-v1 serving the container, tap active, sampled every 250 ms before any checkpoint"}),
+    );
+    figure(
+        "shim_rss_tap_after_checkpoints_mib",
+        RUNTIME,
+        "MiB",
+        &rss_after,
+        serde_json::json!({"rate": rate}),
+    );
     if !ok {
         log(&format!("pause: NOT exact: {report}"));
     }

@@ -429,8 +429,13 @@ fn loopback_is_up_after_restore() {
         .exec(&[
             "sh",
             "-c",
-            "(nc -l -p 7777 > /tmp/got &) ; sleep 0.3; echo hello | nc 127.0.0.1 7777; \
-             sleep 0.3; cat /tmp/got",
+            // Retries instead of fixed sleeps: on a loaded machine the
+            // listener may take a while to be up.
+            "(nc -l -p 7777 > /tmp/got &); i=0; \
+             while [ $i -lt 50 ]; do echo hello | nc 127.0.0.1 7777 && break; \
+             i=$((i+1)); sleep 0.1; done; i=0; \
+             while [ $i -lt 50 ] && ! grep -q hello /tmp/got; do i=$((i+1)); sleep 0.1; done; \
+             cat /tmp/got",
         ])
         .ok();
     assert!(
