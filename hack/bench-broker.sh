@@ -118,6 +118,24 @@ cargo build --release -q -p ms2m-runtime-tests --example bench_broker 2>&1 | tai
 BB="$CARGO_TARGET_DIR/release/examples/bench_broker"
 [ -x "$BB" ] || die "build of the bench_broker example failed: cargo build --release -p ms2m-runtime-tests --example bench_broker"
 
+# Other broker tests on this machine restart RabbitMQ (stop_app/start_app) and
+# raise memory alarms: that kills the bench's producer and disturbs every
+# figure. Wait for them (BENCH_WAIT_QUIET seconds) instead of measuring noise.
+: "${BENCH_WAIT_QUIET:=900}"
+wait_quiet() {
+    local t=0 others
+    while :; do
+        others="$(pgrep -a -f '(^|/)(broker_cut|amqp_workloads)-[0-9a-f]+( |$)' || true)"
+        [ -z "$others" ] && return 0
+        if [ "$t" -ge "$BENCH_WAIT_QUIET" ]; then
+            die "other broker tests are still running after ${BENCH_WAIT_QUIET}s (they restart RabbitMQ): $others"
+        fi
+        [ "$t" = 0 ] && log "waiting for other broker tests to finish (they restart RabbitMQ): $(echo "$others" | head -1)"
+        sleep 5
+        t=$((t + 5))
+    done
+}
+
 failed=()
 child=
 run_bb() { # name, args...: runs the example, its JSON lines go to $results
@@ -137,6 +155,7 @@ run_bb() { # name, args...: runs the example, its JSON lines go to $results
 }
 
 for fig in $BENCH_BROKER_FIGURES; do
+    wait_quiet
     case "$fig" in
         correctness)
             run_bb correctness-stream correctness stream "$BENCH_CYCLES" "$BENCH_RATE"

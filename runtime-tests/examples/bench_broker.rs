@@ -194,6 +194,7 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
     for i in 1..=cycles {
         // Let the consumer catch up and process live messages between cycles.
         std::thread::sleep(Duration::from_millis(300));
+        producer_alive(&producer, &format!("{k} cycle {i}"));
         let img = td.join(&format!("ck{i}"));
         let t0_us = now_us();
         let t0 = Instant::now();
@@ -356,6 +357,18 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
     clean
 }
 
+/// The producer runs for the whole figure; if it ended, its connection to
+/// the broker broke (a broker restart by something else on this machine?)
+/// and the figure would measure an idle consumer: stop with its error.
+fn producer_alive(p: &Producer, when: &str) {
+    if p.is_finished() {
+        panic!(
+            "{when}: the producer stopped early (did something restart RabbitMQ or raise a memory alarm? \
+             other broker tests must not run at the same time)"
+        );
+    }
+}
+
 fn max_gap_us(results: &[ResultMsg], from_us: u64, to_us: u64) -> u64 {
     let mut r: Vec<u64> = results.iter().map(|m| m.processed_at_us).collect();
     r.sort_unstable();
@@ -415,6 +428,7 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
         .collect();
     for (i, variant) in plan.iter().enumerate() {
         std::thread::sleep(Duration::from_millis(1500));
+        producer_alive(&producer, &format!("{variant} run {i}"));
         let img = td.join(&format!("lr{i}"));
         let t0 = now_us();
         let out = if *variant == "ms2m-checkpoint" {
