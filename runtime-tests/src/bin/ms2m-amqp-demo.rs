@@ -23,7 +23,12 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["produce", queue, count, rate, file] => {
             let (Ok(count), Ok(rate)) = (count.parse::<u64>(), rate.parse::<u64>()) else {
                 return usage();
