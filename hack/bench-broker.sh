@@ -70,6 +70,7 @@ stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$BENCH_OUT"
 logdir="$BENCH_OUT/logs-broker-$stamp"
 mkdir -p "$logdir"
+export BENCH_LOGDIR="$logdir"   # the example keeps CRIU dump.logs there
 results="$BENCH_OUT/results-broker-$stamp.jsonl"
 : > "$results"
 binaries() { # which shim/CLI binaries the run used (a rebuild mid-run shows up)

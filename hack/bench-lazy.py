@@ -457,6 +457,10 @@ def main():
     finally:
         cleanup()
     meta["duration_s"] = round(time.monotonic() - t_begin, 1)
+    end = meta_info(stamp)["binaries"]
+    if end != meta["binaries"]:
+        log("WARNING: a shim or CLI binary changed during the run: %s -> %s" % (meta["binaries"], end))
+        meta["binaries_changed_during_run"] = end
     meta["loadavg_end"] = open("/proc/loadavg").read().strip()
     meta["logs"] = logdir
     invalid, miss = report(stamp, meta)

@@ -757,7 +757,7 @@ def machine_meta(stamp):
         "ms2m_cli": shutil.which("ms2m"), "shims": shims,
         "git_head": cmd_version(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"]),
         "image": IMAGE, "shm": SHM,
-        "criu_kdat_cache": ("present" if os.path.exists("/run/criu.kdat") else
+        "criu_kdat_cache": ("present" if os.path.exists("/run/criu.kdat") or os.path.exists("/run/criu/criu.kdat") else
                             "missing, stale /run/criu.kdat.tmp" if os.path.exists("/run/criu.kdat.tmp")
                             else "missing"),
     }

@@ -67,7 +67,7 @@ esac
 # CRIU caches its kernel probe in /run/criu.kdat; a stale /run/criu.kdat.tmp (left
 # by a CRIU that was killed) stops it from writing the cache, so every CRIU run
 # re-probes the kernel. It costs both runtimes alike, but say so.
-if [ -e /run/criu.kdat.tmp ] && [ ! -e /run/criu.kdat ]; then
+if [ -e /run/criu.kdat.tmp ] && [ ! -e /run/criu.kdat ] && [ ! -e /run/criu/criu.kdat ]; then
     log "warning: stale /run/criu.kdat.tmp and no /run/criu.kdat: every CRIU run re-probes the kernel (hack/setup.sh clears it)"
 fi
 

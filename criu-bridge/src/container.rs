@@ -316,6 +316,34 @@ pub struct ContainerDump {
     pub prepare_ms: f64,
 }
 
+impl ContainerDump {
+    /// The record of a dump into `images_dir` that returned `outcome`, with
+    /// CRIU's statistics read from where CRIU writes them (`knobs.work_dir`,
+    /// else `images_dir`); a failure to read them is kept in `stats_error`.
+    pub fn finish(
+        outcome: DumpOutcome,
+        images_dir: &Path,
+        knobs: &DumpKnobs,
+        network_lock: LockMethod,
+        external_netns: bool,
+        prepare_ms: f64,
+    ) -> ContainerDump {
+        let stats_dir = knobs.work_dir.as_deref().unwrap_or(images_dir);
+        let (stats, stats_error) = match read_dump_stats(stats_dir) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        ContainerDump {
+            outcome,
+            stats,
+            stats_error,
+            network_lock,
+            external_netns,
+            prepare_ms,
+        }
+    }
+}
+
 fn json_err(path: &Path, e: serde_json::Error) -> Error {
     Error::malformed(path, format!("not a runc state file: {e}"))
 }
@@ -653,20 +681,14 @@ impl RuncContainer {
             // It was paused: keep it paused.
             let _ = freeze_freezer(cg);
         }
-        let outcome = result?;
-        let stats_dir = knobs.work_dir.as_deref().unwrap_or(images_dir);
-        let (stats, stats_error) = match read_dump_stats(stats_dir) {
-            Ok(s) => (Some(s), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        Ok(ContainerDump {
-            outcome,
-            stats,
-            stats_error,
-            network_lock: lock,
+        Ok(ContainerDump::finish(
+            result?,
+            images_dir,
+            knobs,
+            lock,
             external_netns,
             prepare_ms,
-        })
+        ))
     }
 }
 

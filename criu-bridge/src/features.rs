@@ -141,10 +141,36 @@ impl Features {
         if let Some(f) = cache.lock().ok().and_then(|c| c.get(criu_binary).cloned()) {
             return f;
         }
-        let f = Arc::new(Features::detect(criu_binary));
+        let f = Arc::new(Features::from_disk_or_detect(criu_binary));
         if let Ok(mut c) = cache.lock() {
             c.entry(criu_binary.to_path_buf())
                 .or_insert_with(|| f.clone());
+        }
+        f
+    }
+
+    /// Detection costs ~70 ms (CRIU's FEATURE_CHECK, kernel probes) and every
+    /// shim process would pay it on its first checkpoint. The result is
+    /// kept in [`FEATURES_CACHE_DIR`], keyed by the CRIU binary (path, size,
+    /// mtime), the kernel release and the boot id, so a new shim on the same
+    /// boot with the same CRIU reads it instead. Any problem with the file
+    /// means detecting afresh.
+    fn from_disk_or_detect(criu_binary: &Path) -> Features {
+        let Some(file) = disk_cache_file(criu_binary) else {
+            return Features::detect(criu_binary);
+        };
+        if let Some(f) = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Features>(&b).ok())
+        {
+            return f;
+        }
+        let f = Features::detect(criu_binary);
+        if let Ok(json) = serde_json::to_vec(&f) {
+            let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+            let _ = std::fs::create_dir_all(FEATURES_CACHE_DIR)
+                .and_then(|()| std::fs::write(&tmp, json))
+                .and_then(|()| std::fs::rename(&tmp, &file));
         }
         f
     }
@@ -197,6 +223,36 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// Where detected features are kept between shim processes (see
+/// [`Features::cached`]).
+pub const FEATURES_CACHE_DIR: &str = "/run/ms2m/features";
+
+/// The cache file for `criu_binary` on this boot and kernel, or `None`
+/// when the facts that key it cannot be read.
+fn disk_cache_file(criu_binary: &Path) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let resolved = if criu_binary.is_absolute() {
+        criu_binary.to_path_buf()
+    } else {
+        find_on_path(&criu_binary.to_string_lossy())?
+    };
+    let meta = std::fs::metadata(&resolved).ok()?;
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        resolved,
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        boot_id.trim(),
+        release.trim(),
+    )
+        .hash(&mut h);
+    Some(Path::new(FEATURES_CACHE_DIR).join(format!("{:016x}.json", h.finish())))
 }
 
 /// Where ms2m's CRIU build keeps its kernel-probe cache (`make

@@ -234,6 +234,9 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
         let rs = t1.elapsed().as_secs_f64() * 1000.0;
         let at = wait_connected(&clog, i + 1, Duration::from_secs(30));
         let total = (at as f64 - t0_us as f64) / 1000.0;
+        if i <= 3 {
+            keep_dump_log(&img, &format!("{k}-cycle-{i}"));
+        }
         let _ = std::fs::remove_dir_all(&img);
         let _ = std::fs::remove_dir_all(img.with_file_name(format!("ck{i}-work")));
         let _ = std::fs::remove_dir_all(td.join(&format!("rw{i}")));
@@ -357,6 +360,28 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
     clean
 }
 
+/// Copies CRIU's dump.log of a checkpoint (in `<img>-work` or `<img>`) to
+/// `$BENCH_LOGDIR/<name>-dump.log` when BENCH_LOGDIR is set.
+fn keep_dump_log(img: &Path, name: &str) {
+    let Some(dir) = std::env::var_os("BENCH_LOGDIR") else {
+        return;
+    };
+    let work = img.with_file_name(format!(
+        "{}-work",
+        img.file_name().and_then(|n| n.to_str()).unwrap_or("img")
+    ));
+    for d in [work.as_path(), img] {
+        let src = d.join("dump.log");
+        if src.is_file() {
+            let dst = Path::new(&dir).join(format!("{name}-dump.log"));
+            if let Err(e) = std::fs::copy(&src, &dst) {
+                log(&format!("keeping {}: {e}", src.display()));
+            }
+            return;
+        }
+    }
+}
+
 /// The producer runs for the whole figure; if it ended, its connection to
 /// the broker broke (a broker restart by something else on this machine?)
 /// and the figure would measure an idle consumer: stop with its error.
@@ -454,6 +479,7 @@ fn pause(runs: u64, ctr_runs: u64, rate: u64, rss_secs: u64) -> bool {
             (t1 - t0) as f64 / 1000.0
         ));
         marks.push((variant, t0, t1, qz, fz));
+        keep_dump_log(&img, &format!("pause-{variant}-{i}"));
         let _ = std::fs::remove_dir_all(&img);
         let _ = std::fs::remove_dir_all(img.with_file_name(format!("lr{i}-work")));
     }

@@ -661,6 +661,100 @@ impl ConsumerState {
     }
 }
 
+/// The two consumer workloads in the test image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// ms2m's own `amqp-consumer` (lapin, static).
+    Lapin,
+    /// `pika_consumer.py` with the host's Python (see [`PIKA_MOUNT`]).
+    Pika,
+}
+
+impl Client {
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Lapin => "lapin",
+            Client::Pika => "pika",
+        }
+    }
+
+    /// The container's command.
+    pub fn command(self) -> Vec<&'static str> {
+        match self {
+            Client::Lapin => vec![AMQP_CONSUMER],
+            Client::Pika => vec!["/usr/bin/python3", PIKA_CONSUMER],
+        }
+    }
+}
+
+/// `ctr run` options for a consumer of `q` called `name` whose stdout and
+/// stderr go to the file `log`; `net` are the flags that connect it to the
+/// broker (they come first).
+pub fn consumer_run_opts(
+    client: Client,
+    q: &TestQueues,
+    name: &str,
+    log: &std::path::Path,
+    net: &[String],
+) -> crate::RunOpts {
+    let mut opts = crate::RunOpts::command(&client.command());
+    for f in net {
+        opts = opts.flag(f);
+    }
+    opts = opts
+        .flag(&format!("--env=QUEUE={}", q.queue))
+        .flag(&format!("--env=QUEUE_TYPE={}", q.kind.as_str()))
+        .flag(&format!("--env=RESULTS_QUEUE={}", q.results))
+        .flag(&format!("--env=CONSUMER_NAME={name}"))
+        .log_uri(&format!("file://{}", log.display()));
+    if client == Client::Pika {
+        opts = opts.flag(&format!("--mount={PIKA_MOUNT}"));
+    }
+    opts
+}
+
+/// The consumer's state file through an exec; `None` until it is there.
+pub fn consumer_state(c: &crate::Container) -> Option<ConsumerState> {
+    let out = c.exec(&["cat", STATE_FILE]);
+    if out.success() {
+        ConsumerState::parse(&out.stdout)
+    } else {
+        None
+    }
+}
+
+/// Waits (polling every `poll`) until the consumer has reached
+/// basic.consume `n` times.
+pub fn wait_consumer_connects(
+    c: &crate::Container,
+    n: u64,
+    timeout: Duration,
+    poll: Duration,
+) -> ConsumerState {
+    crate::wait_until(
+        &format!("consumer {} to be consuming (connection #{n})", c.id),
+        timeout,
+        poll,
+        || consumer_state(c).filter(|s| s.connects >= n),
+    )
+}
+
+/// Waits (polling every `poll`) until the consumer's state count reaches
+/// `count`.
+pub fn wait_consumer_count(
+    c: &crate::Container,
+    count: u64,
+    timeout: Duration,
+    poll: Duration,
+) -> ConsumerState {
+    crate::wait_until(
+        &format!("consumer {} to have processed {count}", c.id),
+        timeout,
+        poll,
+        || consumer_state(c).filter(|s| s.count >= count),
+    )
+}
+
 /// `rabbitmqctl -n ms2m@localhost ARGS...`.
 pub fn rabbitmqctl(args: &[&str]) -> crate::CmdOut {
     let mut cmd = std::process::Command::new("rabbitmqctl");

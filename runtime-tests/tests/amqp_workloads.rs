@@ -23,32 +23,17 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use ms2m_runtime_tests::amqp::{
-    collect_results, digest_of, rabbitmq_available, restart_broker_app, Checker, ConsumerState,
-    Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues, AMQP_CONSUMER, PIKA_CONSUMER,
-    PIKA_MOUNT, STATE_FILE,
+    collect_results, consumer_run_opts, digest_of, rabbitmq_available, restart_broker_app,
+    wait_consumer_connects, wait_consumer_count, Checker, Client, ConsumerState, Producer,
+    ProducerConfig, QueueKind, ResultMsg, TestQueues,
 };
-use ms2m_runtime_tests::{env, ms2m, wait_until, Container, RunOpts, TestDir};
+use ms2m_runtime_tests::{env, ms2m, Container, TestDir};
 
 /// Broker tests take it shared; the broker-restart test exclusively (a
 /// restart would break every other test's connections).
 static BROKER: RwLock<()> = RwLock::new(());
 
 const RATE: u64 = 500;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Client {
-    Lapin,
-    Pika,
-}
-
-impl Client {
-    fn name(self) -> &'static str {
-        match self {
-            Client::Lapin => "lapin",
-            Client::Pika => "pika",
-        }
-    }
-}
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
@@ -58,53 +43,23 @@ fn path_str(p: &Path) -> &str {
 /// and stderr go to `<td>/<name>.log` (printed if the test fails).
 fn start_consumer(client: Client, q: &TestQueues, td: &TestDir, name: &str) -> Container {
     let log = td.join(&format!("{name}.log"));
-    let args: Vec<&str> = match client {
-        Client::Lapin => vec![AMQP_CONSUMER],
-        Client::Pika => vec!["/usr/bin/python3", PIKA_CONSUMER],
-    };
-    let mut opts = RunOpts::command(&args)
-        .flag("--net-host")
-        .flag(&format!("--env=QUEUE={}", q.queue))
-        .flag(&format!("--env=QUEUE_TYPE={}", q.kind.as_str()))
-        .flag(&format!("--env=RESULTS_QUEUE={}", q.results))
-        .flag(&format!("--env=CONSUMER_NAME={name}"))
-        .log_uri(&format!("file://{}", log.display()));
-    if client == Client::Pika {
-        opts = opts.flag(&format!("--mount={PIKA_MOUNT}"));
-    }
+    let opts = consumer_run_opts(client, q, name, &log, &["--net-host".to_string()]);
     let c = Container::run(&format!("amqp-{}", client.name()), opts);
     wait_connects(&c, 1, Duration::from_secs(30));
     c
 }
 
-/// The consumer's state file through an exec; `None` until it is there.
-fn try_state(c: &Container) -> Option<ConsumerState> {
-    let out = c.exec(&["cat", STATE_FILE]);
-    if out.success() {
-        ConsumerState::parse(&out.stdout)
-    } else {
-        None
-    }
-}
+/// How often the waits below read the consumer's state.
+const POLL: Duration = Duration::from_millis(50);
 
 /// Waits until the consumer has reached basic.consume `n` times.
 fn wait_connects(c: &Container, n: u64, timeout: Duration) -> ConsumerState {
-    wait_until(
-        &format!("consumer {} to be consuming (connection #{n})", c.id),
-        timeout,
-        Duration::from_millis(50),
-        || try_state(c).filter(|s| s.connects >= n),
-    )
+    wait_consumer_connects(c, n, timeout, POLL)
 }
 
 /// Waits until the consumer's state count reaches `count`.
 fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
-    wait_until(
-        &format!("consumer {} to have processed {count}", c.id),
-        timeout,
-        Duration::from_millis(50),
-        || try_state(c).filter(|s| s.count >= count),
-    )
+    wait_consumer_count(c, count, timeout, POLL)
 }
 
 /// Publishes `first..first+n` at RATE to the queue and returns the

@@ -26,11 +26,11 @@ use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ms2m_runtime_tests::amqp::{
-    collect_results, digest_of, rabbitmq_available, rabbitmqctl, restart_broker_app, Checker,
-    ConsumerState, Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues, AMQP_CONSUMER,
-    PIKA_CONSUMER, PIKA_MOUNT, STATE_FILE,
+    collect_results, consumer_run_opts, consumer_state, digest_of, rabbitmq_available, rabbitmqctl,
+    restart_broker_app, wait_consumer_connects, wait_consumer_count, Checker, Client,
+    ConsumerState, Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues,
 };
-use ms2m_runtime_tests::{ctr, env, ms2m, wait_until, Container, RunOpts, TestDir};
+use ms2m_runtime_tests::{ctr, env, ms2m, wait_until, Container, TestDir};
 
 /// Broker tests take it shared; those that stop the broker exclusively.
 static BROKER: RwLock<()> = RwLock::new(());
@@ -39,12 +39,6 @@ static BROKER: RwLock<()> = RwLock::new(());
 const APP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 /// The real broker, as the shim (host network namespace) reaches it.
 const UPSTREAM: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Client {
-    Lapin,
-    Pika,
-}
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
@@ -67,21 +61,11 @@ fn start_consumer(
     extra: &[String],
 ) -> Container {
     let log = td.join(&format!("{name}.log"));
-    let args: Vec<&str> = match client {
-        Client::Lapin => vec![AMQP_CONSUMER],
-        Client::Pika => vec!["/usr/bin/python3", PIKA_CONSUMER],
-    };
-    let mut opts = RunOpts::command(&args)
-        .flag(&format!("--annotation=io.ms2m.tap.upstream={UPSTREAM}"))
-        .flag(&format!("--env=AMQP_URL={APP_URL}"))
-        .flag(&format!("--env=QUEUE={}", q.queue))
-        .flag(&format!("--env=QUEUE_TYPE={}", q.kind.as_str()))
-        .flag(&format!("--env=RESULTS_QUEUE={}", q.results))
-        .flag(&format!("--env=CONSUMER_NAME={name}"))
-        .log_uri(&format!("file://{}", log.display()));
-    if client == Client::Pika {
-        opts = opts.flag(&format!("--mount={PIKA_MOUNT}"));
-    }
+    let net = [
+        format!("--annotation=io.ms2m.tap.upstream={UPSTREAM}"),
+        format!("--env=AMQP_URL={APP_URL}"),
+    ];
+    let mut opts = consumer_run_opts(client, q, name, &log, &net);
     for f in extra {
         opts = opts.flag(f);
     }
@@ -90,31 +74,15 @@ fn start_consumer(
     c
 }
 
-fn try_state(c: &Container) -> Option<ConsumerState> {
-    let out = c.exec(&["cat", STATE_FILE]);
-    if out.success() {
-        ConsumerState::parse(&out.stdout)
-    } else {
-        None
-    }
-}
+/// How often the waits below read the consumer's state.
+const POLL: Duration = Duration::from_millis(20);
 
 fn wait_connects(c: &Container, n: u64, timeout: Duration) -> ConsumerState {
-    wait_until(
-        &format!("consumer {} to be consuming (connection #{n})", c.id),
-        timeout,
-        Duration::from_millis(20),
-        || try_state(c).filter(|s| s.connects >= n),
-    )
+    wait_consumer_connects(c, n, timeout, POLL)
 }
 
 fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
-    wait_until(
-        &format!("consumer {} to have processed {count}", c.id),
-        timeout,
-        Duration::from_millis(20),
-        || try_state(c).filter(|s| s.count >= count),
-    )
+    wait_consumer_count(c, count, timeout, POLL)
 }
 
 fn manifest(img: &Path) -> serde_json::Value {
@@ -486,13 +454,13 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
     rabbitmqctl(&["set_vm_memory_high_watermark", "0.00001"]).ok();
     let alarm = Watermark;
     // Stalled: the count stops moving.
-    let mut last = try_state(&c).map(|s| s.count).unwrap_or(0);
+    let mut last = consumer_state(&c).map(|s| s.count).unwrap_or(0);
     wait_until(
         "the consumer to stall under the memory alarm",
         Duration::from_secs(20),
         Duration::from_millis(700),
         || {
-            let now = try_state(&c).map(|s| s.count).unwrap_or(0);
+            let now = consumer_state(&c).map(|s| s.count).unwrap_or(0);
             let stalled = now == last;
             last = now;
             stalled.then_some(())
@@ -535,6 +503,15 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
     assert_exact(&c, name, &rep.confirmed, &results, N);
 }
 
+/// Publishes `first..first+100` at 500 msg/s, collects their 100 results,
+/// and adds both to `produced` and `results`.
+fn round_of_100(q: &TestQueues, first: u64, produced: &mut Vec<u64>, results: &mut Vec<ResultMsg>) {
+    produced.extend(
+        Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(first)).confirmed,
+    );
+    results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
+}
+
 /// The broker restarts while the tap idles: the consumer reconnects
 /// through the tap and keeps consuming.
 #[test]
@@ -546,15 +523,13 @@ fn broker_restart_while_tap_idle() {
     let q = TestQueues::new("bc-restart", QueueKind::Classic);
     let name = "lapin-restart";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
-    let mut produced = Producer::run(ProducerConfig::new(&q.queue, 100, 500)).confirmed;
-    let mut results = collect_results(&q.results, 100, Duration::from_secs(30));
+    let (mut produced, mut results) = (Vec::new(), Vec::new());
+    round_of_100(&q, 1, &mut produced, &mut results);
     wait_count(&c, 100, Duration::from_secs(10));
     restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
     let s = wait_connects(&c, 2, Duration::from_secs(30));
     eprintln!("{name}: reconnected through the tap: {s:?}");
-    produced
-        .extend(Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed);
-    results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
+    round_of_100(&q, 101, &mut produced, &mut results);
     assert_exact(&c, name, &produced, &results, 200);
 }
 
@@ -572,8 +547,8 @@ fn broker_unreachable_at_checkpoint() {
     let q = TestQueues::new("bc-down", QueueKind::Stream);
     let name = "lapin-down";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
-    let mut produced = Producer::run(ProducerConfig::new(&q.queue, 100, 500)).confirmed;
-    let mut results = collect_results(&q.results, 100, Duration::from_secs(30));
+    let (mut produced, mut results) = (Vec::new(), Vec::new());
+    round_of_100(&q, 1, &mut produced, &mut results);
     wait_count(&c, 100, Duration::from_secs(10));
     let img = td.join("ck");
     let mut out = None;
@@ -593,9 +568,7 @@ fn broker_unreachable_at_checkpoint() {
     assert_eq!(b["quiesce"]["complete"], true, "{b}");
     assert_eq!(queue_cut(&m, &q.queue)["next_offset"], 100, "{b}");
     wait_connects(&c, 2, Duration::from_secs(30));
-    produced
-        .extend(Producer::run(ProducerConfig::new(&q.queue, 100, 500).starting_at(101)).confirmed);
-    results.extend(collect_results(&q.results, 100, Duration::from_secs(30)));
+    round_of_100(&q, 101, &mut produced, &mut results);
     assert_exact(&c, name, &produced, &results, 200);
 }
 
@@ -725,12 +698,7 @@ fn failed_checkpoints_release_the_tap() {
         "a tap with a forced runc strategy was checkpointed"
     );
     assert!(out.stderr.contains("direct strategy"), "{out}");
-    assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let before = wait_count(&c, 1, Duration::from_secs(5)).count;
-    wait_count(&c, before + 50, Duration::from_secs(10));
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
-    assert_exact(&c, name, &rep.confirmed, &results, N);
+    goes_on_then_exact(&c, name, &q, producer, N);
 }
 
 #[test]
@@ -752,11 +720,17 @@ fn failed_dump_releases_the_tap() {
         !out.success(),
         "a checkpoint into a read-only tmpfs worked: {out}"
     );
+    goes_on_then_exact(&c, name, &q, producer, N);
+}
+
+/// After a failed checkpoint the consumer runs and deliveries flow again
+/// (a held tap would stall it: 50 more are processed); then all `n` of
+/// `producer`'s messages are processed exactly once.
+fn goes_on_then_exact(c: &Container, name: &str, q: &TestQueues, producer: Producer, n: u64) {
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let before = wait_count(&c, 1, Duration::from_secs(5)).count;
-    // Deliveries flow again (a held tap would stall the consumer).
-    wait_count(&c, before + 50, Duration::from_secs(10));
+    let before = wait_count(c, 1, Duration::from_secs(5)).count;
+    wait_count(c, before + 50, Duration::from_secs(10));
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
-    assert_exact(&c, name, &rep.confirmed, &results, N);
+    let results = collect_results(&q.results, n as usize, Duration::from_secs(30));
+    assert_exact(c, name, &rep.confirmed, &results, n);
 }

@@ -101,6 +101,38 @@ fn check_manifest(img: &Path, work: Option<&Path>, id: &str, exit: bool) -> Opti
     Some(m)
 }
 
+/// `ctr task checkpoint --exit` of `c` into `img` (work dir `work`, if
+/// given), which must succeed and stop the task.
+fn exit_checkpoint(c: &Container, img: &Path, work: Option<&Path>) {
+    let mut args = vec!["--exit", "--image-path", path_str(img)];
+    if let Some(w) = work {
+        args.extend(["--work-path", path_str(w)]);
+    }
+    c.ctr_checkpoint(&args).ok();
+    c.wait_status("STOPPED", T);
+}
+
+/// Deletes `c`'s stopped task and gives it a new one from `img` with
+/// `ms2m restore`; the counter continues from `before` (see
+/// [`assert_continues`], whose first value it returns).
+fn restore_continues(c: &Container, img: &Path, before: u64) -> u64 {
+    ctr(&["task", "delete", &c.id]).ok();
+    let out = ms2m(&["restore", &c.id, path_str(img)]).ok();
+    eprintln!("{out}");
+    assert_continues(c, before)
+}
+
+/// A counting container (`prefix`) checkpointed into the content store
+/// with `ctr containers checkpoint --task` (which leaves it running), the
+/// checkpoint's ref, and the counter read just before the checkpoint.
+fn checkpointed_to_store(prefix: &str) -> (Container, ImageRef, u64) {
+    let c = counting(prefix, 0, 50, 30);
+    let r = ImageRef::unique(prefix);
+    let before = c.counter();
+    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    (c, r, before)
+}
+
 /// After a restore: the task runs and its counter continues from at least
 /// `before` (read before the checkpoint) and keeps counting.
 fn assert_continues(c: &Container, before: u64) -> u64 {
@@ -164,25 +196,11 @@ fn exit_checkpoint_then_ms2m_restore() {
     let img = td.join("img");
     let work = td.join("work");
     let before = c.counter();
-    let out = c
-        .ctr_checkpoint(&[
-            "--exit",
-            "--image-path",
-            path_str(&img),
-            "--work-path",
-            path_str(&work),
-        ])
-        .ok();
-    // The task stopped.
-    c.wait_status("STOPPED", T);
+    exit_checkpoint(&c, &img, Some(&work));
     assert_criu_images(&img);
     check_manifest(&img, Some(&work), &c.id, true);
-    let _ = out;
 
-    ctr(&["task", "delete", &c.id]).ok();
-    let out = ms2m(&["restore", &c.id, path_str(&img)]).ok();
-    eprintln!("{out}");
-    let first = assert_continues(&c, before);
+    let first = restore_continues(&c, &img, before);
     eprintln!("counter: {before} before the checkpoint, {first} right after the restore");
 }
 
@@ -231,10 +249,7 @@ fn ms2m_cli_checkpoint_exit_and_restore() {
 
 #[test]
 fn content_store_checkpoint_and_live_restore() {
-    let c = counting("cs", 0, 50, 30);
-    let r = ImageRef::unique("cs");
-    let before = c.counter();
-    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    let (c, r, before) = checkpointed_to_store("cs");
     // `ctr c checkpoint --task` leaves the task running.
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     let images = ctr(&["images", "ls", "-q"]).ok();
@@ -253,10 +268,7 @@ fn content_store_checkpoint_and_live_restore() {
 
 #[test]
 fn ms2m_restore_from_checkpoint_ref() {
-    let c = counting("ref", 0, 50, 30);
-    let r = ImageRef::unique("ref");
-    let before = c.counter();
-    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    let (c, r, before) = checkpointed_to_store("ref");
     // `ms2m restore` gives an existing container a new task: kill the old
     // task, keep the container.
     c.kill_and_delete_task();
@@ -267,10 +279,7 @@ fn ms2m_restore_from_checkpoint_ref() {
 
 #[test]
 fn same_checkpoint_ref_restored_twice() {
-    let c = counting("twice", 0, 50, 30);
-    let r = ImageRef::unique("twice");
-    let before = c.counter();
-    ctr(&["containers", "checkpoint", "--task", &c.id, &r.name]).ok();
+    let (c, r, before) = checkpointed_to_store("twice");
     c.kill_and_delete_task();
     drop(c);
 
@@ -291,9 +300,7 @@ fn same_image_dir_restored_twice() {
     let c = counting("dtwice", 0, 50, 30);
     let img = td.join("img");
     let before = c.counter();
-    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
-        .ok();
-    c.wait_status("STOPPED", T);
+    exit_checkpoint(&c, &img, None);
     ctr(&["task", "delete", &c.id]).ok();
     for _ in 0..2 {
         ms2m(&["restore", &c.id, path_str(&img)]).ok();
@@ -311,15 +318,7 @@ fn large_256mib_checkpoint_and_restore() {
     let img = td.join("img");
     let work = td.join("work");
     let before = c.counter();
-    c.ctr_checkpoint(&[
-        "--exit",
-        "--image-path",
-        path_str(&img),
-        "--work-path",
-        path_str(&work),
-    ])
-    .ok();
-    c.wait_status("STOPPED", T);
+    exit_checkpoint(&c, &img, Some(&work));
     assert_criu_images(&img);
     let pages = pages_bytes(&img);
     assert!(pages >= 256 << 20, "pages images hold only {pages} bytes");
@@ -330,9 +329,7 @@ fn large_256mib_checkpoint_and_restore() {
             "pages_written {written} < 256 MiB of pages"
         );
     }
-    ctr(&["task", "delete", &c.id]).ok();
-    ms2m(&["restore", &c.id, path_str(&img)]).ok();
-    assert_continues(&c, before);
+    restore_continues(&c, &img, before);
     // A checkpoint this large is restored lazily by default: the task runs
     // at once and CRIU's lazy-pages daemon pushes the rest of its memory in
     // the background, so the whole 256 MiB must become resident shortly.
@@ -356,12 +353,8 @@ fn restored_task_lifecycle() {
     let c = counting("rlife", 0, 50, 10);
     let img = td.join("img");
     let before = c.counter();
-    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
-        .ok();
-    c.wait_status("STOPPED", T);
-    ctr(&["task", "delete", &c.id]).ok();
-    ms2m(&["restore", &c.id, path_str(&img)]).ok();
-    assert_continues(&c, before);
+    exit_checkpoint(&c, &img, None);
+    restore_continues(&c, &img, before);
 
     let pid = c.pid();
     // The restored task's create (naming the checkpoint) and start (with
@@ -440,9 +433,7 @@ fn corrupted_checkpoint_restore_fails_cleanly() {
     let c = counting("corrupt", 0, 50, 10);
     let img = td.join("img");
     let before = c.counter();
-    c.ctr_checkpoint(&["--exit", "--image-path", path_str(&img)])
-        .ok();
-    c.wait_status("STOPPED", T);
+    exit_checkpoint(&c, &img, None);
     ctr(&["task", "delete", &c.id]).ok();
 
     // A copy of the images without the process tree.

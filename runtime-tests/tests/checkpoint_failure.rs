@@ -1,7 +1,7 @@
 //! A failed checkpoint returns a clear error to ctr and leaves the task
 //! running: not frozen, not dead, still counting, and checkpointable again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ms2m_runtime_tests::{mount_readonly_tmpfs, CmdOut, Container, RunOpts, TestDir};
@@ -10,6 +10,23 @@ const T: Duration = Duration::from_secs(30);
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
+}
+
+/// A running memcounter of `mib` MiB counting every 50 ms, and its counter
+/// once above 3.
+fn counting(prefix: &str, mib: u64) -> (Container, u64) {
+    let c = Container::run(prefix, RunOpts::memcounter(mib, 50));
+    c.wait_status("RUNNING", T);
+    let before = c.wait_counter_above(3, T);
+    (c, before)
+}
+
+/// A read-only tmpfs `<td>/ro` for the images and the (writable) work dir
+/// `<td>/work`.
+fn readonly_image_dir(td: &TestDir) -> (PathBuf, PathBuf) {
+    let ro = td.join("ro");
+    mount_readonly_tmpfs(td, &ro);
+    (ro, td.join("work"))
 }
 
 /// Checks the task after a failed checkpoint, then shows that a checkpoint
@@ -49,9 +66,7 @@ fn assert_survived(c: &Container, td: &TestDir, out: &CmdOut, before: u64) {
 #[test]
 fn checkpoint_to_path_under_a_regular_file_fails_and_task_keeps_running() {
     let td = TestDir::new("fail-file");
-    let c = Container::run("ffile", RunOpts::memcounter(0, 50));
-    c.wait_status("RUNNING", T);
-    let before = c.wait_counter_above(3, T);
+    let (c, before) = counting("ffile", 0);
     let file = td.join("a-file");
     std::fs::write(&file, b"not a directory").expect("writing the blocking file");
     let bad = file.join("img");
@@ -62,14 +77,10 @@ fn checkpoint_to_path_under_a_regular_file_fails_and_task_keeps_running() {
 #[test]
 fn checkpoint_to_readonly_tmpfs_fails_and_task_keeps_running() {
     let td = TestDir::new("fail-ro");
-    let c = Container::run("fro", RunOpts::memcounter(16, 50));
-    c.wait_status("RUNNING", T);
-    let before = c.wait_counter_above(3, T);
+    let (c, before) = counting("fro", 16);
     // The image dir exists but nothing can be written into it: CRIU fails
     // after it froze the task. The work dir is writable, so logs survive.
-    let ro = td.join("ro");
-    mount_readonly_tmpfs(&td, &ro);
-    let work = td.join("work");
+    let (ro, work) = readonly_image_dir(&td);
     let out = c.ctr_checkpoint(&[
         "--image-path",
         path_str(&ro),
@@ -82,12 +93,8 @@ fn checkpoint_to_readonly_tmpfs_fails_and_task_keeps_running() {
 #[test]
 fn exit_checkpoint_failure_leaves_task_running() {
     let td = TestDir::new("fail-exit");
-    let c = Container::run("fexit", RunOpts::memcounter(0, 50));
-    c.wait_status("RUNNING", T);
-    let before = c.wait_counter_above(3, T);
-    let ro = td.join("ro");
-    mount_readonly_tmpfs(&td, &ro);
-    let work = td.join("work");
+    let (c, before) = counting("fexit", 0);
+    let (ro, work) = readonly_image_dir(&td);
     // Even with --exit, a failed dump must not kill the task.
     let out = c.ctr_checkpoint(&[
         "--exit",

@@ -120,6 +120,27 @@ fn checkpoint_in_background(id: &str, args: &[&str]) -> std::thread::JoinHandle<
     std::thread::spawn(move || ctr(&a))
 }
 
+/// Starts a checkpoint of `c` into `<td>/img` (work dir `<td>/work`) on a
+/// thread and waits until CRIU dumps, then 30 ms more; returns the shim's
+/// pid, the dumping CRIU's pid and the thread.
+fn dump_under_way(c: &Container, td: &TestDir) -> (u32, u32, std::thread::JoinHandle<CmdOut>) {
+    let shim = c.shim_pid().expect("shim pid");
+    let img = td.join("img");
+    let work = td.join("work");
+    let bg = checkpoint_in_background(
+        &c.id,
+        &[
+            "--image-path",
+            path_str(&img),
+            "--work-path",
+            path_str(&work),
+        ],
+    );
+    let criu = dumping_criu(shim, &work);
+    std::thread::sleep(Duration::from_millis(30));
+    (shim, criu, bg)
+}
+
 fn manifest(img: &Path) -> Manifest {
     Manifest::read(img).unwrap_or_else(|e| panic!("manifest in {}: {e}", img.display()))
 }
@@ -249,20 +270,7 @@ fn failing_hook_aborts_and_keeps_running() {
 fn criu_killed_mid_dump_leaves_it_running() {
     let td = TestDir::new("fz-kill");
     let c = counting("fz-kill", 256, 20, 5, &[]);
-    let shim = c.shim_pid().expect("shim pid");
-    let img = td.join("img");
-    let work = td.join("work");
-    let bg = checkpoint_in_background(
-        &c.id,
-        &[
-            "--image-path",
-            path_str(&img),
-            "--work-path",
-            path_str(&work),
-        ],
-    );
-    let criu = dumping_criu(shim, &work);
-    std::thread::sleep(Duration::from_millis(30));
+    let (_shim, criu, bg) = dump_under_way(&c, &td);
     let _ = Command::new("kill")
         .args(["-9", &criu.to_string()])
         .status();
@@ -300,20 +308,7 @@ fn full_image_tmpfs_fails_cleanly() {
 fn sigterm_to_the_shim_mid_dump_thaws() {
     let td = TestDir::new("fz-term");
     let c = counting("fz-term", 256, 10, 5, &[]);
-    let shim = c.shim_pid().expect("shim pid");
-    let img = td.join("img");
-    let work = td.join("work");
-    let bg = checkpoint_in_background(
-        &c.id,
-        &[
-            "--image-path",
-            path_str(&img),
-            "--work-path",
-            path_str(&work),
-        ],
-    );
-    dumping_criu(shim, &work);
-    std::thread::sleep(Duration::from_millis(30));
+    let (shim, _criu, bg) = dump_under_way(&c, &td);
     let _ = Command::new("kill")
         .args(["-TERM", &shim.to_string()])
         .status();

@@ -5,10 +5,38 @@
 use std::time::Duration;
 
 use ms2m_runtime_tests::{
-    ctr, env, run_cmd, unique_id, Container, Events, RunOpts, TestDir, MEMCOUNTER,
+    ctr, env, run_cmd, unique_id, CmdOut, Container, Events, RunOpts, TestDir, MEMCOUNTER,
 };
 
 const T: Duration = Duration::from_secs(20);
+
+/// `ctr task exec -d` of `sleep 1000` in `c` (a second process).
+fn exec_sleep(c: &Container) {
+    let exec_id = c.exec_id("sleep");
+    ctr(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        &exec_id,
+        &c.id,
+        "sleep",
+        "1000",
+    ])
+    .ok();
+}
+
+/// `ctr task ps` of `c` (which must succeed) and the pids it lists.
+fn task_ps(c: &Container) -> (CmdOut, Vec<u32>) {
+    let out = ctr(&["task", "ps", &c.id]).ok();
+    let pids = out
+        .stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    (out, pids)
+}
 
 /// Runs under events: run with a log file, exec, pause, resume, checkpoint,
 /// SIGTERM, delete; every step is checked and so is the event it publishes.
@@ -310,39 +338,16 @@ fn ps_lists_processes() {
     let c = Container::run("ps", RunOpts::memcounter(0, 100));
     c.wait_status("RUNNING", T);
     let pid = c.pid();
-    let out = ctr(&["task", "ps", &c.id]).ok();
-    let pids: Vec<u32> = out
-        .stdout
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
+    let (out, pids) = task_ps(&c);
     assert_eq!(pids, vec![pid], "{out}");
 
-    let exec_id = c.exec_id("sleep");
-    ctr(&[
-        "task",
-        "exec",
-        "-d",
-        "--exec-id",
-        &exec_id,
-        &c.id,
-        "sleep",
-        "1000",
-    ])
-    .ok();
+    exec_sleep(&c);
     let pids = ms2m_runtime_tests::wait_until(
         "two processes in `ctr task ps`",
         T,
         Duration::from_millis(50),
         || {
-            let out = ctr(&["task", "ps", &c.id]).ok();
-            let pids: Vec<u32> = out
-                .stdout
-                .lines()
-                .skip(1)
-                .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-                .collect();
+            let (_, pids) = task_ps(&c);
             (pids.len() == 2).then_some(pids)
         },
     );
@@ -417,18 +422,7 @@ fn kill_all_reaches_every_process() {
         RunOpts::command(&["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]),
     );
     c.wait_status("RUNNING", T);
-    let exec_id = c.exec_id("sleep");
-    ctr(&[
-        "task",
-        "exec",
-        "-d",
-        "--exec-id",
-        &exec_id,
-        &c.id,
-        "sleep",
-        "1000",
-    ])
-    .ok();
+    exec_sleep(&c);
     let sleeper = events.wait_for("/tasks/exec-started", &c.id, T);
     let sleeper_pid = sleeper.payload["pid"].as_u64().expect("exec pid") as u32;
 

@@ -918,19 +918,14 @@ fn final_dump_with_parent(
         job.opts.track_mem = Some(true);
     }
     let outcome = client.dump(&job, Some(notify))?;
-    let stats_dir = knobs.work_dir.as_deref().unwrap_or(images);
-    let (stats, stats_error) = match read_dump_stats(stats_dir) {
-        Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    Ok(ContainerDump {
+    Ok(ContainerDump::finish(
         outcome,
-        stats,
-        stats_error,
-        network_lock: lock,
+        images,
+        knobs,
+        lock,
         external_netns,
-        prepare_ms: 0.0,
-    })
+        0.0,
+    ))
 }
 
 /// The last error lines of a CRIU log, joined (at most three).
@@ -944,7 +939,8 @@ pub fn criu_errors(log: &str) -> String {
 }
 
 /// runc's version, asked once per shim.
-async fn runc_version(runc: &Runc) -> Option<String> {
+/// runc's version, asked once per shim process.
+pub(crate) async fn runc_version(runc: &Runc) -> Option<String> {
     static VERSION: OnceCell<Option<String>> = OnceCell::const_new();
     VERSION
         .get_or_init(|| async {

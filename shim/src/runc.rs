@@ -6,7 +6,7 @@
 //! its stderr or, for commands whose stdio belong to the container, from
 //! runc's JSON log file.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -84,6 +84,23 @@ pub struct CheckpointArgs {
     pub cgroups_mode: Option<String>,
 }
 
+/// Appends `flag value` when there is a value.
+fn push_value(a: &mut Vec<OsString>, flag: &str, value: Option<impl AsRef<OsStr>>) {
+    if let Some(v) = value {
+        a.push(flag.into());
+        a.push(v.as_ref().to_os_string());
+    }
+}
+
+/// Appends each flag that is on.
+fn push_flags<const N: usize>(a: &mut Vec<OsString>, flags: [(bool, &str); N]) {
+    for (on, flag) in flags {
+        if on {
+            a.push(flag.into());
+        }
+    }
+}
+
 impl CheckpointArgs {
     /// The argument list after `checkpoint`, without the container id.
     pub fn to_args(&self) -> Vec<OsString> {
@@ -93,29 +110,21 @@ impl CheckpointArgs {
             "--work-path".into(),
             self.work_path.clone().into(),
         ];
-        if let Some(p) = &self.parent_path {
-            a.push("--parent-path".into());
-            a.push(p.clone().into());
-        }
-        for (on, flag) in [
-            (self.leave_running, "--leave-running"),
-            (self.tcp_established, "--tcp-established"),
-            (self.external_unix_sockets, "--ext-unix-sk"),
-            (self.shell_job, "--shell-job"),
-            (self.file_locks, "--file-locks"),
-        ] {
-            if on {
-                a.push(flag.into());
-            }
-        }
+        push_value(&mut a, "--parent-path", self.parent_path.as_ref());
+        push_flags(
+            &mut a,
+            [
+                (self.leave_running, "--leave-running"),
+                (self.tcp_established, "--tcp-established"),
+                (self.external_unix_sockets, "--ext-unix-sk"),
+                (self.shell_job, "--shell-job"),
+                (self.file_locks, "--file-locks"),
+            ],
+        );
         for ns in &self.empty_namespaces {
-            a.push("--empty-ns".into());
-            a.push(ns.into());
+            push_value(&mut a, "--empty-ns", Some(ns));
         }
-        if let Some(m) = &self.cgroups_mode {
-            a.push("--manage-cgroups-mode".into());
-            a.push(m.into());
-        }
+        push_value(&mut a, "--manage-cgroups-mode", self.cgroups_mode.as_ref());
         a
     }
 }
@@ -164,26 +173,19 @@ impl RestoreArgs {
             "--pid-file".into(),
             self.pid_file.clone().into(),
         ];
-        if let Some(s) = &self.console_socket {
-            a.push("--console-socket".into());
-            a.push(s.clone().into());
-        }
-        for (on, flag) in [
-            (self.tcp_established, "--tcp-established"),
-            (self.external_unix_sockets, "--ext-unix-sk"),
-            (self.shell_job, "--shell-job"),
-            (self.file_locks, "--file-locks"),
-            (self.no_pivot, "--no-pivot"),
-            (self.lazy_pages, "--lazy-pages"),
-        ] {
-            if on {
-                a.push(flag.into());
-            }
-        }
-        if let Some(m) = &self.cgroups_mode {
-            a.push("--manage-cgroups-mode".into());
-            a.push(m.into());
-        }
+        push_value(&mut a, "--console-socket", self.console_socket.as_ref());
+        push_flags(
+            &mut a,
+            [
+                (self.tcp_established, "--tcp-established"),
+                (self.external_unix_sockets, "--ext-unix-sk"),
+                (self.shell_job, "--shell-job"),
+                (self.file_locks, "--file-locks"),
+                (self.no_pivot, "--no-pivot"),
+                (self.lazy_pages, "--lazy-pages"),
+            ],
+        );
+        push_value(&mut a, "--manage-cgroups-mode", self.cgroups_mode.as_ref());
         a
     }
 }

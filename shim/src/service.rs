@@ -239,6 +239,11 @@ impl Inner {
         tokio::task::spawn_blocking(move || {
             criu_bridge::features::Features::cached(&criu);
         });
+        // Likewise runc's version, which every manifest records.
+        let runc = c.runc.clone();
+        tokio::spawn(async move {
+            crate::checkpoint::runc_version(&runc).await;
+        });
         let pid = c.init.pid;
         let early_exit = {
             let mut st = self.state.lock().await;

@@ -25,6 +25,30 @@ use crate::ledger::{header_fields, Delivery};
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// What a direction woke up for: bytes read, or a new mode.
+enum Wake {
+    Read(usize),
+    Mode(Mode),
+}
+
+/// Reads from `rd` into `reader`, or returns the new mode when it changes
+/// first (a dropped sender counts as [`Mode::Shutdown`]).
+async fn read_or_mode(
+    rd: &mut OwnedReadHalf,
+    reader: &mut FrameReader,
+    mode: &mut watch::Receiver<Mode>,
+    side: &'static str,
+) -> Result<Wake, PairError> {
+    tokio::select! {
+        r = rd.read_buf(reader.read_target(READ_CHUNK)) => {
+            r.map(Wake::Read).map_err(|err| PairError::Io { side, err })
+        }
+        r = mode.changed() => {
+            Ok(Wake::Mode(if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() }))
+        }
+    }
+}
+
 /// Why a connection pair ended.
 #[derive(Debug, thiserror::Error)]
 enum PairError {
@@ -234,29 +258,25 @@ impl Pair<'_> {
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut handshake = false;
         loop {
-            let n = tokio::select! {
-                r = cr.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
-                r = mode.changed() => {
-                    let m = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
-                    match m {
-                        Mode::Exit => {
-                            let close = AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
-                                reply_code: 320,
-                                reply_text: "ms2m tap: container checkpointed (exit)".into(),
-                                class_id: 0,
-                                method_id: 0,
-                            }));
-                            out.clear();
-                            if codec::encode_method(0, &close, &mut out).is_ok() {
-                                let _ = uw.write_all(&out).await;
-                            }
-                            let _ = uw.shutdown().await;
-                            return Ok(End::Exit);
-                        }
-                        Mode::Shutdown => return Ok(End::Shutdown),
-                        _ => continue,
+            let n = match read_or_mode(&mut cr, &mut reader, &mut mode, side).await? {
+                Wake::Read(n) => n,
+                Wake::Mode(Mode::Exit) => {
+                    let close =
+                        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                            reply_code: 320,
+                            reply_text: "ms2m tap: container checkpointed (exit)".into(),
+                            class_id: 0,
+                            method_id: 0,
+                        }));
+                    out.clear();
+                    if codec::encode_method(0, &close, &mut out).is_ok() {
+                        let _ = uw.write_all(&out).await;
                     }
+                    let _ = uw.shutdown().await;
+                    return Ok(End::Exit);
                 }
+                Wake::Mode(Mode::Shutdown) => return Ok(End::Shutdown),
+                Wake::Mode(_) => continue,
             };
             if n == 0 {
                 return Ok(End::ClientClosed);
@@ -370,21 +390,16 @@ impl Pair<'_> {
                     err,
                 })?;
             }
-            let n = tokio::select! {
-                r = ur.read_buf(reader.read_target(READ_CHUNK)) => r.map_err(|err| PairError::Io { side, err })?,
-                r = mode.changed() => {
-                    let m = if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() };
-                    match m {
-                        Mode::Exit => {
-                            held_deliveries.clear();
-                            held_channels.clear();
-                            let _ = cw.shutdown().await;
-                            return Ok(End::Exit);
-                        }
-                        Mode::Shutdown => return Ok(End::Shutdown),
-                        _ => continue,
-                    }
+            let n = match read_or_mode(&mut ur, &mut reader, &mut mode, side).await? {
+                Wake::Read(n) => n,
+                Wake::Mode(Mode::Exit) => {
+                    held_deliveries.clear();
+                    held_channels.clear();
+                    let _ = cw.shutdown().await;
+                    return Ok(End::Exit);
                 }
+                Wake::Mode(Mode::Shutdown) => return Ok(End::Shutdown),
+                Wake::Mode(_) => continue,
             };
             if n == 0 {
                 // Whatever was decoded and forwarded already went out.

@@ -356,6 +356,28 @@ fn failing_hook_aborts_dump_and_process_runs_on() {
     );
 }
 
+/// SIGKILLs the CRIU that sent `n`, then gives it 50 ms to die.
+fn kill_criu(n: &Notify<'_>) {
+    // SAFETY: kill(2) on the CRIU child we were told about.
+    unsafe { libc::kill(n.criu_pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+/// Runs `job` with `c`, killing CRIU at its `post-dump` notification; the
+/// dump must fail: its error.
+fn dump_killing_criu_at_post_dump(c: &CriuClient, job: &Job) -> Error {
+    c.dump(
+        job,
+        Some(&mut |n: Notify<'_>| {
+            if n.script == "post-dump" {
+                kill_criu(&n);
+            }
+            Ok(())
+        }),
+    )
+    .unwrap_err()
+}
+
 #[test]
 fn criu_killed_mid_dump_is_died_and_process_runs_on() {
     let _g = serial();
@@ -365,19 +387,7 @@ fn criu_killed_mid_dump_is_died_and_process_runs_on() {
     let spawned = Arc::new(AtomicU32::new(0));
     let s2 = spawned.clone();
     let c = client().on_spawn(move |pid| s2.store(pid, Ordering::SeqCst));
-    let e = c
-        .dump(
-            &job,
-            Some(&mut |n: Notify<'_>| {
-                if n.script == "post-dump" {
-                    // SAFETY: kill(2) on the CRIU child we were told about.
-                    unsafe { libc::kill(n.criu_pid as i32, libc::SIGKILL) };
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(())
-            }),
-        )
-        .unwrap_err();
+    let e = dump_killing_criu_at_post_dump(&c, &job);
     eprintln!("expected failure: {e}");
     assert_eq!(e.criu_failure(), Some(CriuFailure::Died), "{e}");
     assert!(e.to_string().contains("signal 9"), "{e}");
@@ -622,9 +632,7 @@ fn freezer_cgroup_is_thawed_when_criu_dies() {
                     // Simulate CRIU dying while the cgroup is frozen.
                     std::fs::write(cg.0.join("freezer.state"), "FROZEN")
                         .map_err(|e| e.to_string())?;
-                    // SAFETY: kill(2) on the CRIU child we were told about.
-                    unsafe { libc::kill(n.criu_pid as i32, libc::SIGKILL) };
-                    std::thread::sleep(Duration::from_millis(50));
+                    kill_criu(&n);
                 }
                 Ok(())
             }),
@@ -651,19 +659,7 @@ fn paused_cgroup_stays_paused_when_criu_dies() {
     std::fs::write(cg.0.join("freezer.state"), "FROZEN").expect("pause");
     let mut job = dump_job(&dir, w.pid, true);
     job.opts.freeze_cgroup = Some(cg.0.to_string_lossy().into_owned());
-    let e = client()
-        .dump(
-            &job,
-            Some(&mut |n: Notify<'_>| {
-                if n.script == "post-dump" {
-                    // SAFETY: kill(2) on the CRIU child we were told about.
-                    unsafe { libc::kill(n.criu_pid as i32, libc::SIGKILL) };
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(())
-            }),
-        )
-        .unwrap_err();
+    let e = dump_killing_criu_at_post_dump(&client(), &job);
     eprintln!("error: {e}; state {}", cg.state());
     assert_eq!(e.criu_failure(), Some(CriuFailure::Died), "{e}");
     assert!(e.to_string().contains("re-froze"), "{e}");
