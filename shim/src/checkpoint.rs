@@ -938,7 +938,6 @@ pub fn criu_errors(log: &str) -> String {
     errors[errors.len().saturating_sub(3)..].join(" | ")
 }
 
-/// runc's version, asked once per shim.
 /// runc's version, asked once per shim process.
 pub(crate) async fn runc_version(runc: &Runc) -> Option<String> {
     static VERSION: OnceCell<Option<String>> = OnceCell::const_new();
