@@ -240,7 +240,8 @@ def check(name, rt, op, x, unit, label=None):
     v = o["median"]
     ok = v <= x if op == "<=" else v >= x
     miss |= not ok
-    print("target %s: %s %s (target %s %s %s) %s" % (label, ("%.4g" % v), unit, op, x, unit, "OK" if ok else "MISS"))
+    u = (" " + unit) if unit else ""
+    print("target %s: %s%s (target %s %s%s) %s" % (label, ("%.4g" % v), u, op, x, u, "OK" if ok else "MISS"))
 for k in ("stream", "classic"):
     if any(n == "broker_lost" and r == "lapin-" + k for n, r in rows):
         for f in ("broker_lost", "broker_duplicated", "broker_out_of_order"):
