@@ -628,14 +628,16 @@ async fn dump_direct(
         }
         None => None,
     };
-    // With a tap, a leave-running dump has the shim freeze the container at
-    // CRIU's `pre-dump` notification, the instant before CRIU freezes it,
-    // polling every 0.2 ms: CRIU's own freezer loop sleeps 100 ms whenever
-    // the cgroup is not frozen at its first look (a busy multi-threaded app
-    // often is not). Freezing there, not before CRIU starts, keeps CRIU's
-    // start-up (~30 ms) out of the freeze. CRIU then leaves the cgroup
-    // frozen; it is thawed right after the dump.
-    let pre_freeze = (cut_slot.is_some() && !opts.exit && !target.was_paused)
+    // The shim freezes the container at CRIU's `pre-dump` notification, the
+    // instant before CRIU freezes it, polling every 0.2 ms: CRIU's own
+    // freezer loop sleeps 100 ms whenever the cgroup is not frozen at its
+    // first look (a busy multi-threaded app often is not). Freezing there,
+    // not before CRIU starts, keeps CRIU's start-up (~30 ms) out of the
+    // freeze, and CRIU's frozen_time stays the true freeze. CRIU leaves the
+    // cgroup frozen (it found it so); the shim thaws it after the dump (for
+    // an exit dump that lets the killed tasks die). A container paused
+    // before the checkpoint is left to CRIU and stays paused.
+    let pre_freeze = (!target.was_paused)
         .then(|| rc.freezer_cgroup().map(Path::to_path_buf))
         .flatten();
     let prefrozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
