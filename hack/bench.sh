@@ -6,6 +6,11 @@
 #   hack/bench.sh                      full run (5 runs per figure and runtime)
 #   BENCH_RUNS=3 hack/bench.sh         quicker run
 #
+# It runs three suites (BENCH_SUITES, default "shims lazy broker"):
+#   shims   bench.py: ms2m against containerd-shim-runc-v2 (issues 2 and 3)
+#   lazy    bench-lazy.py: restore to running, lazy against eager, 256 MiB to 1 GiB (issue 3)
+#   broker  bench-broker.sh: the AMQP tap and the broker cut (issue 4; needs RabbitMQ)
+#
 # Knobs (environment):
 #   BENCH_RUNS=5              runs per (figure, size, runtime)
 #   BENCH_SIZES="16 256"      memcounter --mib sizes
@@ -88,4 +93,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "$BENCH_OUT"
-python3 "$HERE/bench.py"
+: "${BENCH_SUITES:=shims lazy broker}"
+rc=0
+case " $BENCH_SUITES " in *" shims "*) python3 "$HERE/bench.py" || rc=$? ;; esac
+case " $BENCH_SUITES " in *" lazy "*) python3 "$HERE/bench-lazy.py" || rc=$? ;; esac
+case " $BENCH_SUITES " in *" broker "*) "$HERE/bench-broker.sh" || rc=$? ;; esac
+exit "$rc"
