@@ -21,6 +21,21 @@ if rabbitmqctl -q -n "$RABBITMQ_NODENAME" status >/dev/null 2>&1; then
     exit 0
 fi
 
+# Debian's package may have started its own default node on 5672 when it was
+# installed (on machines where services start on install): stop it, ours
+# takes the port.
+if ss -Hltn "sport = :$MS2M_RABBITMQ_PORT" 2>/dev/null | grep -q .; then
+    log "port $MS2M_RABBITMQ_PORT is taken (Debian's default RabbitMQ node?): stopping it"
+    (unset RABBITMQ_NODENAME RABBITMQ_MNESIA_BASE RABBITMQ_LOG_BASE RABBITMQ_CONFIG_FILE RABBITMQ_ENABLED_PLUGINS_FILE
+     service rabbitmq-server stop >/dev/null 2>&1 || rabbitmqctl -q stop >/dev/null 2>&1 || true)
+    for _ in $(seq 1 50); do
+        ss -Hltn "sport = :$MS2M_RABBITMQ_PORT" 2>/dev/null | grep -q . || break
+        sleep 0.2
+    done
+    ss -Hltn "sport = :$MS2M_RABBITMQ_PORT" 2>/dev/null | grep -q . \
+        && die "port $MS2M_RABBITMQ_PORT is in use by something else: $(ss -Hltnp "sport = :$MS2M_RABBITMQ_PORT")"
+fi
+
 mkdir -p /etc/ms2m "$RABBITMQ_MNESIA_BASE" "$RABBITMQ_LOG_BASE"
 chown -R rabbitmq:rabbitmq "$MS2M_RABBITMQ_BASE" "$RABBITMQ_LOG_BASE"
 cat > /etc/ms2m/rabbitmq.conf <<CONF
