@@ -14,6 +14,8 @@ trap 'echo "error: hack/setup.sh failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 BOOKWORM_PACKAGES=(
     # runtime pieces
     runc iptables iproute2 rabbitmq-server
+    # tools the scripts and tests call: pgrep (setup), script (terminal tests)
+    procps bsdutils
     # CRIU build dependencies (the brief lists them), plus the compiler
     build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev

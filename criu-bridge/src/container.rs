@@ -52,8 +52,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{netns_has_tcp, CRIU_CONFIG_ANNOTATION};
 use crate::rpc::{
-    freeze_freezer, freezer_is_thawed, thaw_freezer, CgMode, CriuClient, CriuOpts, DumpOutcome,
-    ExtMountMap, Job, NetworkLockMethod, NotifyFn,
+    freeze_freezer, freeze_freezer_and_wait, freezer_is_thawed, thaw_freezer, CgMode, CriuClient,
+    CriuOpts, DumpOutcome, ExtMountMap, Job, NetworkLockMethod, Notify, NotifyFn,
 };
 use crate::stats::{read_dump_stats, DumpStats};
 use crate::Error;
@@ -670,11 +670,43 @@ impl RuncContainer {
         let was_thawed = freezer
             .as_deref()
             .map(|cg| freezer_is_thawed(cg).unwrap_or(true));
-        let result = client.dump(&job, notify);
+        // With the freezer cgroup, freeze the container ourselves at CRIU's
+        // `pre-dump` notification, the instant before CRIU freezes it:
+        // CRIU's own freezer loop sleeps 100 ms whenever the cgroup is not
+        // frozen at its first look (a busy multi-threaded app often is not),
+        // and freezing there, not before CRIU starts, keeps CRIU's start-up
+        // out of the freeze (its frozen_time stays the true freeze). CRIU
+        // leaves the cgroup frozen, having found it so; it is thawed below.
+        let pre_freeze = match (knobs.freeze, freezer.as_deref(), was_thawed) {
+            (Freeze::Cgroup, Some(cg), Some(true)) => Some(cg),
+            _ => None,
+        };
+        let mut prefrozen = false;
+        let mut user = notify;
+        let mut wrapped = |n: Notify<'_>| -> Result<(), String> {
+            if let (Some(cg), "pre-dump") = (pre_freeze, n.script) {
+                match freeze_freezer_and_wait(cg, std::time::Duration::from_secs(2)) {
+                    Ok(ms) => {
+                        prefrozen = true;
+                        tracing::info!(freeze_ms = ms, "container frozen at pre-dump");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "freezing at pre-dump failed; CRIU freezes");
+                        let _ = thaw_freezer(cg);
+                    }
+                }
+            }
+            match user.as_mut() {
+                Some(f) => f(n),
+                None => Ok(()),
+            }
+        };
+        let result = client.dump(&job, Some(&mut wrapped));
         // A container that ran before must run after a failed or
-        // leave-running dump (CRIU does this itself; this is the net).
+        // leave-running dump (CRIU does this itself; this is the net), and
+        // after an exit dump frozen here, so its killed tasks can die.
         if let (Some(cg), Some(true)) = (freezer.as_deref(), was_thawed) {
-            if result.is_err() || knobs.leave_running {
+            if result.is_err() || knobs.leave_running || prefrozen {
                 ensure_thawed(cg);
             }
         } else if let (Some(cg), Some(false), Err(_)) = (freezer.as_deref(), was_thawed, &result) {

@@ -723,34 +723,25 @@ pub fn consumer_state(c: &crate::Container) -> Option<ConsumerState> {
     }
 }
 
-/// Waits (polling every `poll`) until the consumer has reached
-/// basic.consume `n` times.
-pub fn wait_consumer_connects(
-    c: &crate::Container,
-    n: u64,
-    timeout: Duration,
-    poll: Duration,
-) -> ConsumerState {
+/// How often the consumer waits read its state (one `ctr task exec` each).
+const STATE_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until the consumer has reached basic.consume `n` times.
+pub fn wait_consumer_connects(c: &crate::Container, n: u64, timeout: Duration) -> ConsumerState {
     crate::wait_until(
         &format!("consumer {} to be consuming (connection #{n})", c.id),
         timeout,
-        poll,
+        STATE_POLL,
         || consumer_state(c).filter(|s| s.connects >= n),
     )
 }
 
-/// Waits (polling every `poll`) until the consumer's state count reaches
-/// `count`.
-pub fn wait_consumer_count(
-    c: &crate::Container,
-    count: u64,
-    timeout: Duration,
-    poll: Duration,
-) -> ConsumerState {
+/// Waits until the consumer's state count reaches `count`.
+pub fn wait_consumer_count(c: &crate::Container, count: u64, timeout: Duration) -> ConsumerState {
     crate::wait_until(
         &format!("consumer {} to have processed {count}", c.id),
         timeout,
-        poll,
+        STATE_POLL,
         || consumer_state(c).filter(|s| s.count >= count),
     )
 }

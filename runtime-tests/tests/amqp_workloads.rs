@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use ms2m_runtime_tests::amqp::{
     collect_results, consumer_run_opts, digest_of, rabbitmq_available, restart_broker_app,
-    wait_consumer_connects, wait_consumer_count, Checker, Client, ConsumerState, Producer,
-    ProducerConfig, QueueKind, ResultMsg, TestQueues,
+    wait_consumer_connects, wait_consumer_count, Checker, Client, Producer, ProducerConfig,
+    QueueKind, ResultMsg, TestQueues,
 };
 use ms2m_runtime_tests::{env, ms2m, Container, TestDir};
 
@@ -45,21 +45,8 @@ fn start_consumer(client: Client, q: &TestQueues, td: &TestDir, name: &str) -> C
     let log = td.join(&format!("{name}.log"));
     let opts = consumer_run_opts(client, q, name, &log, &["--net-host".to_string()]);
     let c = Container::run(&format!("amqp-{}", client.name()), opts);
-    wait_connects(&c, 1, Duration::from_secs(30));
+    wait_consumer_connects(&c, 1, Duration::from_secs(30));
     c
-}
-
-/// How often the waits below read the consumer's state.
-const POLL: Duration = Duration::from_millis(50);
-
-/// Waits until the consumer has reached basic.consume `n` times.
-fn wait_connects(c: &Container, n: u64, timeout: Duration) -> ConsumerState {
-    wait_consumer_connects(c, n, timeout, POLL)
-}
-
-/// Waits until the consumer's state count reaches `count`.
-fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
-    wait_consumer_count(c, count, timeout, POLL)
 }
 
 /// Publishes `first..first+n` at RATE to the queue and returns the
@@ -92,7 +79,7 @@ fn assert_exact(c: &Container, name: &str, produced: &[u64], results: &[ResultMs
         .get(name)
         .unwrap_or_else(|| panic!("no results from consumer {name}: {report}"));
     assert_eq!(tally.last_count, n, "{name}: last result's count");
-    let state = wait_count(c, n, Duration::from_secs(10));
+    let state = wait_consumer_count(c, n, Duration::from_secs(10));
     assert_eq!(state.count, n, "{name}: state {state:?}");
     assert_eq!(state.last_seq, n, "{name}: state {state:?}");
     assert_eq!(
@@ -173,13 +160,13 @@ fn consumers_reconnect_after_broker_restart() {
         .map(|(_, _, q)| collect(q, N as usize))
         .collect();
     for (name, c, _) in &setups {
-        let s = wait_count(c, N, Duration::from_secs(10));
+        let s = wait_consumer_count(c, N, Duration::from_secs(10));
         assert_eq!(s.connects, 1, "{name}: {s:?}");
     }
 
     restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
     for (name, c, _) in &setups {
-        let s = wait_connects(c, 2, Duration::from_secs(30));
+        let s = wait_consumer_connects(c, 2, Duration::from_secs(30));
         eprintln!("{name} reconnected: {s:?}");
     }
 
@@ -213,7 +200,7 @@ fn lapin_consumer_exit_checkpoint_and_restore_on_host_network() {
     let c = start_consumer(Client::Lapin, &q, &td, name);
     let mut produced = produce(&q, 1, 250);
     let mut results = collect(&q, 250);
-    wait_count(&c, 250, Duration::from_secs(10));
+    wait_consumer_count(&c, 250, Duration::from_secs(10));
 
     // ctr cannot ask for --tcp-established: CRIU refuses the connected
     // socket. That must fail cleanly and leave the consumer running.
@@ -254,12 +241,12 @@ fn lapin_consumer_exit_checkpoint_and_restore_on_host_network() {
         path_str(&img),
     ])
     .ok();
-    let s = wait_connects(&c, 1, Duration::from_secs(30));
+    let s = wait_consumer_connects(&c, 1, Duration::from_secs(30));
     assert_eq!(s.count, 250, "the restored state must continue: {s:?}");
 
     produced.extend(produce(&q, 251, 250));
     results.extend(collect(&q, 250));
-    let s = wait_count(&c, 500, Duration::from_secs(10));
+    let s = wait_consumer_count(&c, 500, Duration::from_secs(10));
     eprintln!(
         "restored consumer: {s:?} (connects {} = {})",
         s.connects,

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ms2m_runtime_tests::amqp::{
     collect_results, consumer_run_opts, consumer_state, digest_of, rabbitmq_available, rabbitmqctl,
-    restart_broker_app, wait_consumer_connects, wait_consumer_count, Checker, Client,
-    ConsumerState, Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues,
+    restart_broker_app, wait_consumer_connects, wait_consumer_count, Checker, Client, Producer,
+    ProducerConfig, QueueKind, ResultMsg, TestQueues,
 };
 use ms2m_runtime_tests::{ctr, env, ms2m, wait_until, Container, TestDir};
 
@@ -70,19 +70,8 @@ fn start_consumer(
         opts = opts.flag(f);
     }
     let c = Container::run(&format!("bc-{name}"), opts);
-    wait_connects(&c, 1, Duration::from_secs(30));
+    wait_consumer_connects(&c, 1, Duration::from_secs(30));
     c
-}
-
-/// How often the waits below read the consumer's state.
-const POLL: Duration = Duration::from_millis(20);
-
-fn wait_connects(c: &Container, n: u64, timeout: Duration) -> ConsumerState {
-    wait_consumer_connects(c, n, timeout, POLL)
-}
-
-fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
-    wait_consumer_count(c, count, timeout, POLL)
 }
 
 fn manifest(img: &Path) -> serde_json::Value {
@@ -123,7 +112,7 @@ fn assert_exact(c: &Container, name: &str, produced: &[u64], results: &[ResultMs
     assert!(report.is_clean(), "{name}: {report}");
     assert_eq!(report.processed_unique as u64, n, "{name}: {report}");
     assert_eq!(results.len() as u64, n, "{name}: surplus results: {report}");
-    let state = wait_count(c, n, Duration::from_secs(10));
+    let state = wait_consumer_count(c, n, Duration::from_secs(10));
     assert_eq!(state.count, n, "{name}: state {state:?}");
     assert_eq!(
         state.digest,
@@ -184,7 +173,7 @@ fn exit_checkpoint_and_restore(kind: QueueKind) {
     let c = start_consumer(Client::Lapin, &q, &td, &name, &[]);
     const N: u64 = 1500;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
-    wait_count(&c, 300, Duration::from_secs(20));
+    wait_consumer_count(&c, 300, Duration::from_secs(20));
 
     let img = td.join("ck");
     let t0 = Instant::now();
@@ -232,7 +221,7 @@ fn exit_checkpoint_and_restore(kind: QueueKind) {
     .ok();
     let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let restored_at = now_us();
-    let s = wait_connects(&c, 2, Duration::from_secs(30));
+    let s = wait_consumer_connects(&c, 2, Duration::from_secs(30));
     let reconnect = connect_logged_at(&restored_log, 2)
         .map(|t| (t as f64 - restored_at as f64) / 1000.0)
         .unwrap_or(f64::NAN);
@@ -294,7 +283,7 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
     let c = start_consumer(Client::Pika, &q, &td, name, &[]);
     const N: u64 = 1200;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
-    wait_count(&c, 250, Duration::from_secs(20));
+    wait_consumer_count(&c, 250, Duration::from_secs(20));
 
     let out = c.ctr_checkpoint(&[]).ok();
     let reference = out
@@ -322,7 +311,7 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
 
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     assert_eq!(rep.confirmed.len() as u64, N);
-    let state = wait_count(&c, N, Duration::from_secs(30));
+    let state = wait_consumer_count(&c, N, Duration::from_secs(30));
     let results = collect_results(&q.results, N as usize + 400, Duration::from_secs(5));
     let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
     eprintln!("{name}: {report}");
@@ -381,7 +370,7 @@ fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     const N: u64 = 4000;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 1000));
-    wait_count(&c, 1000, Duration::from_secs(20));
+    wait_consumer_count(&c, 1000, Duration::from_secs(20));
     let img = td.join("ck");
     let t0 = now_us();
     ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
@@ -440,7 +429,7 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
     // publishes, or it would simply idle with nothing in flight.
     const N: u64 = 3000;
     let rep = Producer::run(ProducerConfig::new(&q.queue, N, 0));
-    let s = wait_count(&c, 50, Duration::from_secs(20));
+    let s = wait_consumer_count(&c, 50, Duration::from_secs(20));
     assert!(
         s.count < N / 2,
         "the consumer is too fast for this test: {s:?}"
@@ -525,9 +514,9 @@ fn broker_restart_while_tap_idle() {
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     let (mut produced, mut results) = (Vec::new(), Vec::new());
     round_of_100(&q, 1, &mut produced, &mut results);
-    wait_count(&c, 100, Duration::from_secs(10));
+    wait_consumer_count(&c, 100, Duration::from_secs(10));
     restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
-    let s = wait_connects(&c, 2, Duration::from_secs(30));
+    let s = wait_consumer_connects(&c, 2, Duration::from_secs(30));
     eprintln!("{name}: reconnected through the tap: {s:?}");
     round_of_100(&q, 101, &mut produced, &mut results);
     assert_exact(&c, name, &produced, &results, 200);
@@ -549,7 +538,7 @@ fn broker_unreachable_at_checkpoint() {
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     let (mut produced, mut results) = (Vec::new(), Vec::new());
     round_of_100(&q, 1, &mut produced, &mut results);
-    wait_count(&c, 100, Duration::from_secs(10));
+    wait_consumer_count(&c, 100, Duration::from_secs(10));
     let img = td.join("ck");
     let mut out = None;
     restart_broker_app(|| {
@@ -567,7 +556,7 @@ fn broker_unreachable_at_checkpoint() {
     assert_eq!(b["upstream_reachable"], false, "{b}");
     assert_eq!(b["quiesce"]["complete"], true, "{b}");
     assert_eq!(queue_cut(&m, &q.queue)["next_offset"], 100, "{b}");
-    wait_connects(&c, 2, Duration::from_secs(30));
+    wait_consumer_connects(&c, 2, Duration::from_secs(30));
     round_of_100(&q, 101, &mut produced, &mut results);
     assert_exact(&c, name, &produced, &results, 200);
 }
@@ -609,7 +598,7 @@ fn hostile_frames_against_the_tap() {
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let results = collect_results(&q.results, 500, Duration::from_secs(30));
     assert_exact(&c, name, &rep.confirmed, &results, 500);
-    let s = wait_count(&c, 500, Duration::from_secs(5));
+    let s = wait_consumer_count(&c, 500, Duration::from_secs(5));
     assert_eq!(
         s.connects, 1,
         "the consumer's connection was disturbed: {s:?}"
@@ -686,7 +675,7 @@ fn failed_checkpoints_release_the_tap() {
     );
     const N: u64 = 900;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
-    wait_count(&c, 100, Duration::from_secs(20));
+    wait_consumer_count(&c, 100, Duration::from_secs(20));
     let out = ms2m(&[
         "checkpoint",
         "--image-path",
@@ -712,7 +701,7 @@ fn failed_dump_releases_the_tap() {
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     const N: u64 = 900;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
-    wait_count(&c, 100, Duration::from_secs(20));
+    wait_consumer_count(&c, 100, Duration::from_secs(20));
     let ro = td.join("ro");
     ms2m_runtime_tests::mount_readonly_tmpfs(&td, &ro);
     let out = ms2m(&["checkpoint", "--image-path", path_str(&ro), &c.id]);
@@ -728,8 +717,8 @@ fn failed_dump_releases_the_tap() {
 /// `producer`'s messages are processed exactly once.
 fn goes_on_then_exact(c: &Container, name: &str, q: &TestQueues, producer: Producer, n: u64) {
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let before = wait_count(c, 1, Duration::from_secs(5)).count;
-    wait_count(c, before + 50, Duration::from_secs(10));
+    let before = wait_consumer_count(c, 1, Duration::from_secs(5)).count;
+    wait_consumer_count(c, before + 50, Duration::from_secs(10));
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let results = collect_results(&q.results, n as usize, Duration::from_secs(30));
     assert_exact(c, name, &rep.confirmed, &results, n);

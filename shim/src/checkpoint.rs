@@ -628,19 +628,6 @@ async fn dump_direct(
         }
         None => None,
     };
-    // The shim freezes the container at CRIU's `pre-dump` notification, the
-    // instant before CRIU freezes it, polling every 0.2 ms: CRIU's own
-    // freezer loop sleeps 100 ms whenever the cgroup is not frozen at its
-    // first look (a busy multi-threaded app often is not). Freezing there,
-    // not before CRIU starts, keeps CRIU's start-up (~30 ms) out of the
-    // freeze, and CRIU's frozen_time stays the true freeze. CRIU leaves the
-    // cgroup frozen (it found it so); the shim thaws it after the dump (for
-    // an exit dump that lets the killed tasks die). A container paused
-    // before the checkpoint is left to CRIU and stays paused.
-    let pre_freeze = (!target.was_paused)
-        .then(|| rc.freezer_cgroup().map(Path::to_path_buf))
-        .flatten();
-    let prefrozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let guard = Dump::begin(&id, rc.freezer_cgroup().map(Path::to_path_buf));
     let client = {
         let g = guard.clone();
@@ -671,23 +658,7 @@ async fn dump_direct(
             image_path: images.clone(),
             criu_pid: 0,
         };
-        let prefrozen_in = prefrozen.clone();
         let mut notify = |n: Notify<'_>| -> std::result::Result<(), String> {
-            if n.script == "pre-dump" {
-                if let Some(cg) = &pre_freeze {
-                    match freeze_now(cg, std::time::Duration::from_secs(2)) {
-                        Ok(ms) => {
-                            prefrozen_in.store(true, std::sync::atomic::Ordering::SeqCst);
-                            tracing::info!(freeze_ms = ms, "frozen by the shim at pre-dump");
-                        }
-                        Err(e) => {
-                            tracing::warn!("pre-freeze failed, CRIU freezes: {e}");
-                            let _ = thaw(cg);
-                        }
-                    }
-                }
-                return Ok(());
-            }
             if n.script != "post-dump" {
                 return Ok(());
             }
@@ -718,14 +689,6 @@ async fn dump_direct(
             }
             None => rc.dump(&client, &images, &knobs, Some(&mut notify)),
         };
-        if let (true, Some(cg)) = (
-            prefrozen.load(std::sync::atomic::Ordering::SeqCst),
-            &pre_freeze,
-        ) {
-            if let Err(e) = thaw(cg) {
-                tracing::error!("thawing the container after the dump failed: {e}");
-            }
-        }
         tracing::debug!(
             elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
             "criu dump returned"
@@ -778,34 +741,6 @@ async fn dump_direct(
             Err(Error::Internal(msg))
         }
     }
-}
-
-/// Freezes the freezer cgroup `cg` (v1), polling its state; returns the ms
-/// it took.
-fn freeze_now(cg: &Path, bound: std::time::Duration) -> std::io::Result<f64> {
-    let t0 = Instant::now();
-    let state = cg.join("freezer.state");
-    std::fs::write(&state, "FROZEN")?;
-    loop {
-        let s = std::fs::read_to_string(&state)?;
-        if s.trim() == "FROZEN" {
-            return Ok(t0.elapsed().as_secs_f64() * 1000.0);
-        }
-        if t0.elapsed() > bound {
-            return Err(std::io::Error::other(format!(
-                "{} still {} after {} ms",
-                state.display(),
-                s.trim(),
-                bound.as_millis()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
-/// Thaws the freezer cgroup `cg` (v1).
-fn thaw(cg: &Path) -> std::io::Result<()> {
-    std::fs::write(cg.join("freezer.state"), "THAWED")
 }
 
 /// The quiesce of a paused container: resumed with deliveries held, paused

@@ -310,6 +310,34 @@ pub fn freeze_freezer(path: &Path) -> std::io::Result<()> {
     std::fs::write(path.join("cgroup.freeze"), "1")
 }
 
+/// Freezes a freezer cgroup and waits until the kernel reports it frozen,
+/// polling every 0.2 ms for at most `bound`; returns how long it took, ms.
+pub fn freeze_freezer_and_wait(path: &Path, bound: Duration) -> std::io::Result<f64> {
+    let t0 = std::time::Instant::now();
+    freeze_freezer(path)?;
+    let v1 = path.join("freezer.state");
+    loop {
+        let frozen = if v1.exists() {
+            std::fs::read_to_string(&v1)?.trim() == "FROZEN"
+        } else {
+            std::fs::read_to_string(path.join("cgroup.events"))?
+                .lines()
+                .any(|l| l.trim() == "frozen 1")
+        };
+        if frozen {
+            return Ok(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        if t0.elapsed() > bound {
+            return Err(std::io::Error::other(format!(
+                "{} not frozen after {} ms",
+                path.display(),
+                bound.as_millis()
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Thaws a freezer cgroup: cgroup v1 (`freezer.state` = `THAWED`) or v2
 /// (`cgroup.freeze` = `0`). `path` is the cgroup directory.
 pub fn thaw_freezer(path: &Path) -> std::io::Result<()> {
