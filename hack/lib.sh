@@ -14,7 +14,9 @@ export MS2M_ROOT
 : "${MS2M_CONTAINERD_CONFIG:=/etc/ms2m/containerd.toml}"
 : "${MS2M_NAMESPACE:=ms2m}"
 : "${MS2M_TEST_IMAGE:=docker.io/library/ms2m-test:latest}"
-export MS2M_PREFIX MS2M_CONTAINERD_ROOT MS2M_CONTAINERD_STATE MS2M_CONTAINERD_ADDRESS \
+# Where setup installs CRIU's helpers (the shim's [criu] helper_dir default).
+: "${MS2M_CRIU_HELPERS:=/usr/local/lib/ms2m/criu-helpers}"
+export MS2M_CRIU_HELPERS MS2M_PREFIX MS2M_CONTAINERD_ROOT MS2M_CONTAINERD_STATE MS2M_CONTAINERD_ADDRESS \
     MS2M_CONTAINERD_CONFIG MS2M_NAMESPACE MS2M_TEST_IMAGE
 
 # Cargo builds share one target dir.

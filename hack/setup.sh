@@ -151,6 +151,16 @@ build_ms2m() {
     (cd "$MS2M_ROOT" && cargo build --release --locked -q -p ms2m-shim -p ms2m-cli)
     install -m 0755 "$CARGO_TARGET_DIR/release/containerd-shim-ms2m-v1" /usr/local/bin/containerd-shim-ms2m-v1
     install -m 0755 "$CARGO_TARGET_DIR/release/ms2m" /usr/local/bin/ms2m
+    # CRIU's fast tmpfs archiver, put first on the PATH of the CRIU the
+    # shim runs for dumps ([criu] helper_dir in docs/configuration.md).
+    # Static: CRIU forks and execs it five times inside every freeze, and
+    # a static binary starts ~0.25 ms sooner (no dynamic loader).
+    local target flagvar
+    target="$(uname -m)-unknown-linux-gnu"
+    flagvar="CARGO_TARGET_$(echo "$target" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    (cd "$MS2M_ROOT" && env "$flagvar=-C target-feature=+crt-static" \
+        cargo build --release --locked -q --target "$target" -p ms2m-criu-tar)
+    install -D -m 0755 "$CARGO_TARGET_DIR/$target/release/ms2m-criu-tar" "$MS2M_CRIU_HELPERS/tar"
 }
 
 main() {

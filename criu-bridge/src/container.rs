@@ -645,9 +645,10 @@ impl RuncContainer {
     }
 
     /// Dumps the container into `images_dir` (created if missing) with
-    /// `client`. `notify` sees every CRIU notification; its `post-dump`
-    /// call runs while the container is frozen and its images are final
-    /// (see [`crate::rpc`]). Whatever happens, the container is not left
+    /// `client`. `notify` sees every CRIU notification; its `pre-dump`
+    /// call runs while the container still runs, just before it is frozen,
+    /// and its `post-dump` call while the container is frozen and its
+    /// images are final (see [`crate::rpc`]). Whatever happens, the container is not left
     /// frozen by this call: when the dump fails (or leaves it running) and
     /// its freezer cgroup was thawed before, it is thawed if it is not.
     pub fn dump(
@@ -684,7 +685,15 @@ impl RuncContainer {
         let mut prefrozen = false;
         let mut user = notify;
         let mut wrapped = |n: Notify<'_>| -> Result<(), String> {
-            if let (Some(cg), "pre-dump") = (pre_freeze, n.script) {
+            let script = n.script;
+            // The caller's `pre-dump` callback runs first, while the
+            // container still runs (an AMQP tap quiesces there: the app
+            // must be able to ack); the freeze follows it at once.
+            let r = match user.as_mut() {
+                Some(f) => f(n),
+                None => Ok(()),
+            };
+            if let (Some(cg), "pre-dump", Ok(())) = (pre_freeze, script, &r) {
                 match freeze_freezer_and_wait(cg, std::time::Duration::from_secs(2)) {
                     Ok(ms) => {
                         prefrozen = true;
@@ -696,10 +705,7 @@ impl RuncContainer {
                     }
                 }
             }
-            match user.as_mut() {
-                Some(f) => f(n),
-                None => Ok(()),
-            }
+            r
         };
         let result = client.dump(&job, Some(&mut wrapped));
         // A container that ran before must run after a failed or

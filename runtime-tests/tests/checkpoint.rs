@@ -530,3 +530,78 @@ fn checkpoint_of_paused_task_keeps_it_paused() {
     c.wait_status("RUNNING", T);
     c.wait_counter_above(v, T);
 }
+
+/// What the container sees of its tmpfs mounts: every entry under /run,
+/// /dev/shm and /dev (type, mode, owner, size or device, link target) and
+/// the checksum of every regular file (busybox `find`, `stat`, `md5sum`).
+fn tmpfs_listing(c: &Container) -> String {
+    let script = "cd / && for d in run dev/shm dev; do \
+                  find $d -xdev | sort | while read -r p; do \
+                  stat -c '%n %F %a %h %u:%g %s %t,%T %N' \"$p\"; \
+                  [ -f \"$p\" ] && [ -r \"$p\" ] && md5sum \"$p\"; done; done; true";
+    let out = c.exec(&["sh", "-c", script]).ok();
+    assert!(
+        out.stdout.lines().count() > 10,
+        "listing of the container's tmpfs mounts is too short: {out}"
+    );
+    out.stdout
+}
+
+/// The contents of the container's tmpfs mounts (archived by CRIU while it
+/// is frozen; by ms2m's fast archiver when setup installed it) come back
+/// exactly after an exit checkpoint and a restore: files, a 1 MiB file, a
+/// symlink, a FIFO, a hard link, a setuid file owned by another user, a
+/// long path, and a device node made inside the container.
+#[test]
+fn tmpfs_contents_survive_exit_checkpoint_and_restore() {
+    let td = TestDir::new("ck-tmpfs");
+    let c = counting("tmpfs", 0, 50, 5);
+    let long = format!("/run/{}", ["deep-directory-name"; 8].join("/"));
+    let script = format!(
+        "set -e; mkdir -p /run/app/sub {long} /dev/shm/seg; echo state-1 > /run/app/state; \
+         dd if=/dev/urandom of=/run/app/big bs=1024 count=1024 2>/dev/null; \
+         ln -s ../app/state /run/app/sub/link; mkfifo /run/app/fifo; \
+         ln /run/app/state /run/app/hard; echo x > /run/app/suid; chown 1234:4321 /run/app/suid; \
+         chmod 4750 /run/app/suid; chmod 1777 /run/app/sub; echo deep > {long}/file; \
+         echo shared > /dev/shm/seg/data; mknod /dev/ms2m-null c 1 3"
+    );
+    c.exec(&["sh", "-c", &script]).ok();
+    let before = tmpfs_listing(&c);
+    assert!(
+        before.contains("run/app/suid") && before.contains("dev/ms2m-null"),
+        "{before}"
+    );
+
+    let img = td.join("img");
+    let out = ms2m(&[
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        &c.id,
+    ])
+    .ok();
+    eprintln!("{out}");
+    c.wait_status("STOPPED", T);
+    if env().is_ms2m() {
+        let m = Manifest::read(&img).expect("ms2m's manifest");
+        let helpers = std::env::var("MS2M_CRIU_HELPERS")
+            .unwrap_or_else(|_| "/usr/local/lib/ms2m/criu-helpers".into());
+        if Path::new(&helpers).join("tar").exists() {
+            assert!(
+                m.strategy.reason.contains(&helpers),
+                "the dump did not use the fast archiver in {helpers}: {}",
+                m.strategy.reason
+            );
+        }
+    }
+    let out = ms2m(&["restore", &c.id, path_str(&img)]).ok();
+    eprintln!("{out}");
+    c.wait_status("RUNNING", T);
+    let after = tmpfs_listing(&c);
+    let (b, a): (Vec<_>, Vec<_>) = (before.lines().collect(), after.lines().collect());
+    for (x, y) in b.iter().zip(a.iter()) {
+        assert_eq!(x, y, "tmpfs entry differs after the restore");
+    }
+    assert_eq!(b.len(), a.len(), "before:\n{before}\nafter:\n{after}");
+}

@@ -5,10 +5,14 @@
 //! and the guarantees.
 //!
 //! Checkpoint sequence (driven by [`crate::checkpoint`]):
-//! 1. [`probe_upstream`], then `quiesce(timeout)` before the freeze;
-//! 2. CRIU dump with `tcp_close` and no network lock; in the frozen window
-//!    the [`CutHook`] captures the cut (the consistent cut: the container
-//!    is frozen, the ledger cannot move for it);
+//! 1. [`probe_upstream`];
+//! 2. CRIU dump with `tcp_close` and no network lock. At CRIU's `pre-dump`
+//!    notification, the instant before the freeze, the [`CutHook`]
+//!    quiesces the tap (holds new deliveries, waits for the app's acks):
+//!    holding only from there keeps CRIU's start-up out of the app's
+//!    pause. In the frozen window it captures the cut (the consistent cut:
+//!    the container is frozen, the ledger cannot move for it) and, when
+//!    the container keeps running, releases what it held;
 //! 3. `release()` (leave-running) or `close_for_exit()` (exit), and
 //!    `release()` on any failure.
 
@@ -93,40 +97,73 @@ pub async fn probe_upstream(config: &TapConfig, bound: Duration) -> bool {
     )
 }
 
-/// The frozen-window hook that captures the cut.
+/// The tap's part in a checkpoint: quiesce at CRIU's `pre-dump`, cut in
+/// the frozen window (a [`FrozenWindow`]). Clones share one state.
+#[derive(Clone)]
 pub struct CutHook {
     tap: Tap,
-    quiesce: Quiesce,
+    bound: Duration,
+    quiesce: Arc<Mutex<Option<Quiesce>>>,
     cut: Arc<Mutex<Option<Cut>>>,
-    /// Release held deliveries right after the capture (leave-running).
-    release: Option<tokio::runtime::Handle>,
+    /// Runs the quiesce from CRIU's callback thread; releases held
+    /// deliveries right after the capture (leave-running).
+    runtime: Option<tokio::runtime::Handle>,
+    release_after: bool,
 }
 
 impl CutHook {
-    /// A hook capturing `tap`'s cut after `quiesce`; the cut lands in the
-    /// returned slot. With `release_after`, held deliveries are released as
-    /// soon as the cut is taken. Must be called inside the tokio runtime.
+    /// A hook for `tap`, quiescing for at most `bound` at [`Self::quiesce`]
+    /// unless `quiesced` already holds the quiesce (a paused container,
+    /// see [`crate::checkpoint`]); the cut lands in the returned slot. With
+    /// `release_after`, held deliveries are released as soon as the cut is
+    /// taken. Must be called inside the tokio runtime.
     pub fn new(
         tap: Tap,
-        quiesce: Quiesce,
+        quiesced: Option<Quiesce>,
+        bound: Duration,
         release_after: bool,
     ) -> (CutHook, Arc<Mutex<Option<Cut>>>) {
         let cut = Arc::new(Mutex::new(None));
-        let release = if release_after {
-            tokio::runtime::Handle::try_current().ok()
-        } else {
-            None
-        };
         (
             CutHook {
                 tap,
-                quiesce,
+                bound,
+                quiesce: Arc::new(Mutex::new(quiesced)),
                 cut: cut.clone(),
-                release,
+                runtime: tokio::runtime::Handle::try_current().ok(),
+                release_after,
             },
             cut,
         )
     }
+
+    /// Quiesces the tap, unless done already. Blocking: called from CRIU's
+    /// `pre-dump` notification (a blocking thread, not a runtime worker),
+    /// while the container still runs so it can ack what it holds.
+    pub fn quiesce(&self, id: &str) {
+        let mut slot = lock(&self.quiesce);
+        if slot.is_some() {
+            return;
+        }
+        let Some(rt) = &self.runtime else {
+            tracing::warn!(id = %id, "no runtime to quiesce the tap: the cut will list in-doubt deliveries");
+            return;
+        };
+        let q = rt.block_on(self.tap.quiesce(self.bound));
+        tracing::info!(
+            id = %id,
+            complete = q.complete,
+            waited_ms = q.waited_ms,
+            unsettled = q.unsettled,
+            "tap quiesced at CRIU's pre-dump"
+        );
+        *slot = Some(q);
+    }
+}
+
+/// The guarded value, also after a panic elsewhere poisoned the lock.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FrozenWindow for CutHook {
@@ -136,17 +173,23 @@ impl FrozenWindow for CutHook {
 
     fn run(&self, _ctx: &FrozenContext) -> std::result::Result<serde_json::Value, String> {
         let t0 = Instant::now();
-        let cut = self.tap.capture_cut(&self.quiesce);
+        // No quiesce (no pre-dump seen): nothing was held, every unsettled
+        // delivery is in doubt, which the cut then says.
+        let q = (*lock(&self.quiesce)).unwrap_or_else(|| Quiesce {
+            complete: false,
+            waited_ms: 0,
+            timeout_ms: self.bound.as_millis() as u64,
+            unsettled: self.tap.stats().unsettled,
+        });
+        let cut = self.tap.capture_cut(&q);
         let summary = serde_json::json!({
             "queues": cut.queues.len(),
             "connections": cut.connections,
+            "quiesce_waited_ms": q.waited_ms,
             "capture_us": t0.elapsed().as_micros() as u64,
         });
-        match self.cut.lock() {
-            Ok(mut slot) => *slot = Some(cut),
-            Err(p) => *p.into_inner() = Some(cut),
-        }
-        if let Some(h) = &self.release {
+        *lock(&self.cut) = Some(cut);
+        if let (true, Some(h)) = (self.release_after, &self.runtime) {
             let tap = self.tap.clone();
             h.spawn(async move { tap.release().await });
         }

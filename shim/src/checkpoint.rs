@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::Message;
@@ -138,6 +138,8 @@ struct Plan {
     lock_when_tcp: LockMethod,
     cgroups: Cgroups,
     criu: PathBuf,
+    /// Put first on CRIU's PATH (the fast tmpfs archiver), if installed.
+    helper_dir: Option<PathBuf>,
 }
 
 fn lock_method(m: NetworkLockMethod) -> LockMethod {
@@ -231,6 +233,16 @@ async fn plan(target: &Target, opts: &CheckpointOptions, has_tcp: bool) -> Resul
     if decision.strategy == BridgeStrategy::LazyRestore {
         reason.push_str("; the dump is plain, the restore is lazy");
     }
+    let helper_dir = match method {
+        Method::Runc => None,
+        _ => target.config.criu_helper_dir(),
+    };
+    if let Some(d) = &helper_dir {
+        reason.push_str(&format!(
+            "; tmpfs contents archived by the tar in {}",
+            d.display()
+        ));
+    }
     let lock_when_tcp = features
         .best_network_lock()
         .map(lock_method)
@@ -274,6 +286,7 @@ async fn plan(target: &Target, opts: &CheckpointOptions, has_tcp: bool) -> Resul
         lock_when_tcp,
         cgroups,
         criu,
+        helper_dir,
     })
 }
 
@@ -339,8 +352,9 @@ pub async fn checkpoint(
         )
     })?;
 
-    // The tap: quiesce before the freeze (holding new deliveries, waiting
-    // for the app to ack what it has), cut in the frozen window.
+    // The tap: quiesced at CRIU's pre-dump notification (holding new
+    // deliveries, waiting for the app to ack what it has), cut in the
+    // frozen window.
     let broker = match &target.tap {
         None => None,
         Some((tap, tc)) => {
@@ -368,26 +382,18 @@ pub async fn checkpoint(
                     "the upstream broker is unreachable: the cut is the tap's ledger as it stands"
                 );
             }
-            let q = if target.was_paused && tap.stats().unsettled > 0 {
+            let quiesced = if target.was_paused && tap.stats().unsettled > 0 {
                 // A paused container cannot ack what it was handed (`ctr
                 // task checkpoint` and `ctr c checkpoint --task` pause
                 // before they checkpoint). With new deliveries held, let it
                 // run until it has settled them (at most the bound), then
                 // pause it again: its state then advances only by work on
                 // messages it already had, which the cut accounts for.
-                quiesce_paused(target, tap, tc.quiesce_timeout).await?
+                Some(quiesce_paused(target, tap, tc.quiesce_timeout).await?)
             } else {
-                tap.quiesce(tc.quiesce_timeout).await
+                None
             };
-            tracing::info!(
-                id = %id,
-                complete = q.complete,
-                waited_ms = q.waited_ms,
-                unsettled = q.unsettled,
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "tap quiesced"
-            );
-            Some((tap.clone(), q, reachable))
+            Some((tap.clone(), quiesced, tc.quiesce_timeout, reachable))
         }
     };
 
@@ -395,14 +401,16 @@ pub async fn checkpoint(
     let dumped = match plan.method {
         Method::Runc => dump_runc(target, image_path, &work_path, opts, &plan, &has_tcp).await,
         Method::Direct | Method::PreCopy(_) => {
-            let b = broker.as_ref().map(|(t, q, _)| (t.clone(), *q));
+            let b = broker
+                .as_ref()
+                .map(|(t, q, bound, _)| (t.clone(), *q, *bound));
             dump_direct(target, image_path, &work_path, opts, &plan, b).await
         }
     };
     let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
 
     // Holding never outlives the checkpoint.
-    if let Some((tap, _, _)) = &broker {
+    if let Some((tap, _, _, _)) = &broker {
         let t0 = Instant::now();
         let after = if dumped.is_ok() && opts.exit {
             tap.close_for_exit().await;
@@ -475,7 +483,7 @@ pub async fn checkpoint(
     if let Some(r) = dumped.rounds {
         ext.insert("pre_copy_rounds".into(), r);
     }
-    if let Some((_, _, reachable)) = &broker {
+    if let Some((_, _, _, reachable)) = &broker {
         let cut = dumped.cut.as_ref().ok_or_else(|| {
             Error::Internal(format!(
                 "{what}: the dump succeeded but the frozen-window hook captured no broker cut"
@@ -579,7 +587,7 @@ async fn dump_direct(
     work_path: &Path,
     opts: &CheckpointOptions,
     plan: &Plan,
-    broker: Option<(ms2m_tap::Tap, ms2m_tap::Quiesce)>,
+    broker: Option<(ms2m_tap::Tap, Option<ms2m_tap::Quiesce>, Duration)>,
 ) -> Result<Dumped> {
     let id = target.id.clone();
     let rc = RuncContainer::load(&target.runc_root, &id)
@@ -602,7 +610,7 @@ async fn dump_direct(
         ext_unix_sk: opts.external_unix_sockets,
         shell_job: opts.terminal,
         file_locks: opts.file_locks,
-        log_level: 2,
+        log_level: target.config.criu.log_level,
         config_file: ConfigFile::LikeRunc,
     };
     let mut hooks = FrozenWindowSet::default();
@@ -615,23 +623,25 @@ async fn dump_direct(
     // With a tap: the app's broker connection (to the tap, in-container
     // loopback) is not dumped in repair mode but restored closed, so its
     // client reconnects; nothing then needs the network lock.
-    let cut_slot = match broker {
-        Some((tap, q)) => {
+    let (cut_slot, quiescer) = match broker {
+        Some((tap, quiesced, bound)) => {
             knobs.tcp_close = true;
             knobs.network_lock = NetworkLock::Always(LockMethod::Skip);
             // Leave-running: held deliveries may flow as soon as the cut
             // is taken (the app's socket queues are not dumped with
             // tcp-close); the app finds them when it thaws.
-            let (hook, slot) = crate::broker::CutHook::new(tap, q, !opts.exit);
-            hooks.push(Box::new(hook));
-            Some(slot)
+            let (hook, slot) = crate::broker::CutHook::new(tap, quiesced, bound, !opts.exit);
+            hooks.push(Box::new(hook.clone()));
+            (Some(slot), Some(hook))
         }
-        None => None,
+        None => (None, None),
     };
     let guard = Dump::begin(&id, rc.freezer_cgroup().map(Path::to_path_buf));
     let client = {
         let g = guard.clone();
-        CriuClient::new(&plan.criu).on_spawn(move |pid| g.set_criu_pid(pid))
+        CriuClient::new(&plan.criu)
+            .with_helper_dir(plan.helper_dir.clone())
+            .on_spawn(move |pid| g.set_criu_pid(pid))
     };
     let images = image_path.to_path_buf();
     let work = work_path.to_path_buf();
@@ -659,6 +669,13 @@ async fn dump_direct(
             criu_pid: 0,
         };
         let mut notify = |n: Notify<'_>| -> std::result::Result<(), String> {
+            if n.script == "pre-dump" {
+                // Still running: criu-bridge freezes it when this returns.
+                if let Some(q) = &quiescer {
+                    q.quiesce(&ctx_base.container_id);
+                }
+                return Ok(());
+            }
             if n.script != "post-dump" {
                 return Ok(());
             }

@@ -54,11 +54,13 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 impl Conn {
     /// Spawns `binary swrk <fd>`. `keep_fds` are fds of this process that
     /// CRIU must inherit under the same numbers (`inherit_fd`, page server
-    /// sockets); they stay close-on-exec here.
+    /// sockets); they stay close-on-exec here. `path`, when given, is
+    /// CRIU's PATH.
     pub(crate) fn spawn(
         binary: &Path,
         keep_fds: &[RawFd],
         deadline: Option<Instant>,
+        path: Option<&std::ffi::OsStr>,
     ) -> io::Result<Conn> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` is a valid array of two c_ints for the kernel to fill.
@@ -84,6 +86,9 @@ impl Conn {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
         // SAFETY: the closure runs in the forked child before exec and only
         // calls fcntl, which is async-signal-safe; it allocates nothing
         // (`inherit` was built before the fork).

@@ -258,6 +258,7 @@ pub struct CriuClient {
     binary: PathBuf,
     timeout: Option<Duration>,
     on_spawn: Option<SpawnHook>,
+    helper_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for CriuClient {
@@ -265,6 +266,7 @@ impl std::fmt::Debug for CriuClient {
         f.debug_struct("CriuClient")
             .field("binary", &self.binary)
             .field("timeout", &self.timeout)
+            .field("helper_dir", &self.helper_dir)
             .finish_non_exhaustive()
     }
 }
@@ -348,6 +350,17 @@ pub fn thaw_freezer(path: &Path) -> std::io::Result<()> {
     std::fs::write(path.join("cgroup.freeze"), "0")
 }
 
+/// This process's PATH with `dir` put first (the default search path when
+/// PATH is unset).
+fn path_with_first(dir: &Path) -> std::ffi::OsString {
+    let rest = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut p = dir.as_os_str().to_os_string();
+    p.push(":");
+    p.push(rest);
+    p
+}
+
 impl CriuClient {
     /// A client running `binary` (e.g. `/usr/local/sbin/criu`), without a
     /// deadline.
@@ -356,7 +369,23 @@ impl CriuClient {
             binary: binary.into(),
             timeout: None,
             on_spawn: None,
+            helper_dir: None,
         }
+    }
+
+    /// Puts `dir` first on the PATH of every CRIU this client starts, so
+    /// the helpers CRIU executes by name (`tar` for tmpfs contents,
+    /// `iptables-save`, ...) are taken from there first. ms2m installs a
+    /// fast `tar` for dumps there (crate `ms2m-criu-tar`). `None` leaves
+    /// CRIU's PATH as the caller's.
+    pub fn with_helper_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.helper_dir = dir;
+        self
+    }
+
+    /// The directory put first on CRIU's PATH, if any.
+    pub fn helper_dir(&self) -> Option<&Path> {
+        self.helper_dir.as_deref()
     }
 
     /// Sets an overall deadline per request (spawn to answer, callbacks
@@ -610,13 +639,15 @@ impl CriuClient {
     ) -> Result<Done, Error> {
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
-        let mut conn = Conn::spawn(&self.binary, keep_fds, deadline).map_err(|e| {
-            criu_err(
-                action,
-                CriuFailure::Spawn,
-                format!("start {} swrk: {e}", self.binary.display()),
-            )
-        })?;
+        let path = self.helper_dir.as_deref().map(path_with_first);
+        let mut conn =
+            Conn::spawn(&self.binary, keep_fds, deadline, path.as_deref()).map_err(|e| {
+                criu_err(
+                    action,
+                    CriuFailure::Spawn,
+                    format!("start {} swrk: {e}", self.binary.display()),
+                )
+            })?;
         let criu_pid = conn.pid();
         if let Some(f) = &self.on_spawn {
             f(criu_pid);
