@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
 use crate::cut::{rfc3339_utc, Cut, QuiesceReport, CUT_SCHEMA};
+use crate::fence::{Fence, Resume, FENCE_SCHEMA};
 use crate::ledger::Ledger;
 use crate::{listener, proxy, TapConfig, TapError};
 
@@ -39,6 +40,11 @@ pub(crate) struct Counters {
     pub connection_errors: AtomicU64,
     /// Broker→client batches being processed right now.
     pub batches_active: AtomicUsize,
+    /// basic.publish forwarded upstream since the last cut (reset by
+    /// [`Tap::capture_cut`]).
+    pub publishes_since_cut: AtomicU64,
+    /// basic.publish suppressed (dropped) so far.
+    pub suppressed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -48,12 +54,45 @@ pub(crate) struct Shared {
     pub counters: Counters,
     pub mode: watch::Sender<Mode>,
     pub next_conn: AtomicU64,
+    /// Publishes still to suppress.
+    pub suppress_remaining: AtomicU64,
+    /// Publishes to suppress in all ([`Resume::suppress_publishes`]).
+    pub suppress_total: u64,
+    /// `captured_at_unix_ms` of the last cut captured.
+    pub last_cut_ms: Mutex<Option<u64>>,
 }
 
 impl Shared {
     /// The ledger; a poisoned lock (a panic elsewhere) still yields the data.
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decide for a basic.publish from the app, in arrival order: true when
+    /// it is one of the first [`Resume::suppress_publishes`] and must be
+    /// dropped.
+    pub fn take_suppression(&self) -> bool {
+        let r = self
+            .suppress_remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1));
+        match r {
+            Ok(before) => {
+                self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
+                if before == 1 {
+                    info!(
+                        suppressed = self.suppress_total,
+                        "ms2m tap: suppressed {} publishes the source had made after the cut",
+                        self.suppress_total
+                    );
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn last_cut(&self) -> MutexGuard<'_, Option<u64>> {
+        self.last_cut_ms.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -82,6 +121,9 @@ pub struct TapStats {
     pub publishes: u64,
     /// Publisher confirms from the broker.
     pub confirms: u64,
+    /// basic.publish from clients suppressed (dropped) after a restore
+    /// ([`Resume::suppress_publishes`]); not in `publishes`.
+    pub suppressed: u64,
     /// Deliveries held now (quiesce).
     pub held: u64,
 }
@@ -98,15 +140,33 @@ impl Tap {
     /// [`Tap::listen_in_netns`] or [`Tap::listen_loopback`]). Must be called
     /// inside a tokio runtime (a current_thread runtime is fine). With
     /// `resume`, the first basic.consume on each stream queue of the cut is
-    /// rewritten to start at the cut.
+    /// rewritten to start at the cut. Same as [`Tap::start_with`] with
+    /// [`Resume::from_cut`] (no publish suppression).
     pub async fn start(
         config: TapConfig,
         listeners: Vec<std::net::TcpListener>,
         resume: Option<Cut>,
     ) -> Result<Tap, TapError> {
+        Tap::start_with(config, listeners, Resume::from_cut(resume)).await
+    }
+
+    /// [`Tap::start`] with the full restore options: besides the cut,
+    /// [`Resume::suppress_publishes`] drops the app's first publishes (the
+    /// ones the source already made after the cut; see [`crate::fence`]).
+    /// Build it with [`Resume::after_fence`] to check that the fence belongs
+    /// to the cut.
+    pub async fn start_with(
+        config: TapConfig,
+        listeners: Vec<std::net::TcpListener>,
+        resume: Resume,
+    ) -> Result<Tap, TapError> {
         if listeners.is_empty() {
             return Err(TapError::Config("no listeners to serve on".into()));
         }
+        let Resume {
+            cut: resume,
+            suppress_publishes,
+        } = resume;
         let (mode, _) = watch::channel(Mode::Open);
         let shared = Arc::new(Shared {
             ledger: Mutex::new(Ledger::new(resume.as_ref())),
@@ -114,6 +174,9 @@ impl Tap {
             counters: Counters::default(),
             mode,
             next_conn: AtomicU64::new(1),
+            suppress_remaining: AtomicU64::new(suppress_publishes),
+            suppress_total: suppress_publishes,
+            last_cut_ms: Mutex::new(None),
         });
         let mut addrs = Vec::new();
         for l in listeners {
@@ -131,6 +194,7 @@ impl Tap {
             upstream = %shared.config.upstream,
             listen = ?addrs,
             resume = resume.is_some(),
+            suppress_publishes,
             "ms2m tap: started"
         );
         Ok(Tap {
@@ -201,11 +265,20 @@ impl Tap {
     /// Capture the broker cut from the ledger. Synchronous and cheap: meant
     /// for CRIU's frozen window. Deliveries still unsettled are listed as
     /// in doubt when the quiesce did not complete.
+    ///
+    /// Also restarts the publish count of [`Tap::publishes_since_cut`] (the
+    /// app is frozen then, so no publish of its can fall between).
     pub fn capture_cut(&self, quiesce: &Quiesce) -> Cut {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = unix_ms();
         let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
+        {
+            let mut last = self.shared.last_cut();
+            *last = Some(now);
+            self.shared
+                .counters
+                .publishes_since_cut
+                .store(0, Ordering::SeqCst);
+        }
         Cut {
             schema: CUT_SCHEMA.to_string(),
             upstream: self.shared.config.upstream.to_string(),
@@ -219,6 +292,91 @@ impl Tap {
             queues,
             quiesce: *quiesce,
         }
+    }
+
+    /// basic.publish commands forwarded upstream (all connections and
+    /// channels; suppressed ones not included) since the last
+    /// [`Tap::capture_cut`]; 0 before any cut.
+    ///
+    /// A publish counts when the tap reads its method frame. Publishes the app
+    /// wrote just before the freeze but the tap had not read yet when the cut
+    /// was captured count as after the cut. An app that publishes its results
+    /// *before* acking the input they come from (on the same connection) has
+    /// none such once the quiesce completed: the tap reads a connection in
+    /// order and the quiesce waited for the acks.
+    pub fn publishes_since_cut(&self) -> u64 {
+        let last = self.shared.last_cut();
+        match *last {
+            Some(_) => self
+                .shared
+                .counters
+                .publishes_since_cut
+                .load(Ordering::SeqCst),
+            None => 0,
+        }
+    }
+
+    /// The MS2M fence, for stopping the source after a leave-running
+    /// checkpoint: quiesce (hold new deliveries, wait at most `timeout` for
+    /// the app to settle those it has, exactly as [`Tap::quiesce`]) and
+    /// record [`Tap::publishes_since_cut`]. Deliveries stay held afterwards:
+    /// stop the container next, then [`Tap::close_for_exit`] (or
+    /// [`Tap::release`] to abort and let the source go on).
+    ///
+    /// Publishes the tap reads after the fence (the app still finishing a
+    /// delivery when the quiesce timed out, or publishing on its own) are
+    /// forwarded and not counted: stop the source promptly.
+    pub async fn fence(&self, timeout: Duration) -> Fence {
+        let q = self.quiesce(timeout).await;
+        self.fence_now(&q)
+    }
+
+    /// The fence record without quiescing, for a caller that ran
+    /// [`Tap::quiesce`] itself (e.g. around other work); takes the count at
+    /// this instant. Synchronous and cheap. Without a quiesce before it,
+    /// the count is of little use: the app may be publishing meanwhile.
+    pub fn fence_now(&self, quiesce: &Quiesce) -> Fence {
+        let now = unix_ms();
+        let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
+        let (cut_at, publishes) = {
+            let last = self.shared.last_cut();
+            let n = self
+                .shared
+                .counters
+                .publishes_since_cut
+                .load(Ordering::SeqCst);
+            (*last, if last.is_some() { n } else { 0 })
+        };
+        info!(
+            publishes_after_cut = publishes,
+            cut_taken_at_unix_ms = ?cut_at,
+            quiesce_complete = quiesce.complete,
+            "ms2m tap: fence"
+        );
+        if cut_at.is_none() {
+            warn!("ms2m tap: fence without a cut: there is nothing to count publishes from");
+        }
+        Fence {
+            schema: FENCE_SCHEMA.to_string(),
+            taken_at: rfc3339_utc(now),
+            taken_at_unix_ms: now,
+            publishes_after_cut: publishes,
+            cut_taken_at_unix_ms: cut_at,
+            quiesce: *quiesce,
+            queues,
+        }
+    }
+
+    /// Publishes suppressed so far (see [`Resume::suppress_publishes`]).
+    pub fn suppressed_publishes(&self) -> u64 {
+        self.shared.counters.suppressed.load(Ordering::Relaxed)
+    }
+
+    /// Publishes still to suppress (0 once suppression is complete). A
+    /// checkpoint of a restored container taken while this is not 0 must
+    /// carry it over: the app behind it has not re-made those publishes yet.
+    pub fn suppress_remaining(&self) -> u64 {
+        self.shared.suppress_remaining.load(Ordering::SeqCst)
     }
 
     /// Leave-running: forward held deliveries in order and stop holding.
@@ -273,6 +431,7 @@ impl Tap {
             unsettled: t.unsettled,
             publishes: t.publishes,
             confirms: t.confirms,
+            suppressed: c.suppressed.load(Ordering::Relaxed),
             held: c.held_deliveries.load(Ordering::Relaxed),
         }
     }
@@ -283,4 +442,10 @@ impl Tap {
         self.wait_closed(Duration::from_secs(2)).await;
         info!("ms2m tap: shut down");
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -60,6 +60,12 @@ struct ChannelLedger {
     confirm: bool,
     publishes: u64,
     confirms: u64,
+    /// The app's confirm sequence: publishes (forwarded or suppressed) since
+    /// confirm.select.
+    confirm_seq: u64,
+    /// Confirm-mode publishes suppressed on this channel (always app
+    /// sequence numbers `1..=confirm_dropped`, see [`crate::fence`]).
+    confirm_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -222,7 +228,11 @@ impl Ledger {
     pub fn client_method(&mut self, conn: u64, ch: u16, m: &AMQPClass) -> Option<AMQPClass> {
         match m {
             AMQPClass::Basic(basic::AMQPMethod::Publish(_)) => {
-                self.chan(conn, ch).publishes += 1;
+                let chl = self.chan(conn, ch);
+                chl.publishes += 1;
+                if chl.confirm {
+                    chl.confirm_seq += 1;
+                }
                 self.totals.publishes += 1;
             }
             AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
@@ -372,6 +382,28 @@ impl Ledger {
                 ql.next_offset = Some(ql.next_offset.map_or(o + 1, |n| n.max(o + 1)));
             }
         }
+    }
+
+    /// A basic.publish from the client that the tap suppresses (drops). It
+    /// is not counted as a publish; on a channel in confirm mode it takes the
+    /// next app sequence number, returned so the tap can ack it.
+    pub fn suppressed_publish(&mut self, conn: u64, ch: u16) -> Option<u64> {
+        let chl = self.chan(conn, ch);
+        if !chl.confirm {
+            return None;
+        }
+        chl.confirm_seq += 1;
+        chl.confirm_dropped += 1;
+        Some(chl.confirm_seq)
+    }
+
+    /// How far the broker's confirm delivery tags on a channel lag behind the
+    /// app's: the confirm-mode publishes suppressed there.
+    pub fn confirm_shift(&self, conn: u64, ch: u16) -> u64 {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.channels.get(&ch))
+            .map_or(0, |c| c.confirm_dropped)
     }
 
     /// A method from the broker (other than deliveries, which go through
@@ -837,5 +869,38 @@ mod tests {
         l.server_method(1, 1, &ack(3, true));
         assert_eq!(l.publish_counts(1, 1), (3, 1, true));
         assert_eq!(l.unsettled(), 0);
+    }
+
+    #[test]
+    fn suppressed_publishes_take_app_confirm_tags() {
+        let publish = AMQPClass::Basic(basic::AMQPMethod::Publish(Default::default()));
+        let select = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        }));
+        let mut l = Ledger::new(None);
+        // before confirm.select: dropped without a tag
+        assert_eq!(l.suppressed_publish(1, 1), None);
+        l.client_method(1, 1, &select);
+        assert_eq!(l.suppressed_publish(1, 1), Some(1));
+        assert_eq!(l.suppressed_publish(1, 1), Some(2));
+        l.client_method(1, 1, &publish);
+        l.client_method(1, 1, &publish);
+        // another channel: its own sequence, nothing dropped
+        l.client_method(1, 2, &select);
+        l.client_method(1, 2, &publish);
+        assert_eq!((l.confirm_shift(1, 1), l.confirm_shift(1, 2)), (2, 0));
+        assert_eq!(l.publish_counts(1, 1), (2, 0, true));
+        assert_eq!(l.totals().publishes, 3);
+        // the broker's tag 1 on channel 1 is the app's 3rd publish
+        let shifted = crate::fence::shift_confirm(&ack(1, false), l.confirm_shift(1, 1));
+        assert_eq!(shifted, Some(ack(3, false)));
+        // a closed and reopened channel starts over
+        l.client_method(
+            1,
+            1,
+            &AMQPClass::Channel(channel::AMQPMethod::Close(Default::default())),
+        );
+        assert_eq!(l.confirm_shift(1, 1), 0);
+        assert_eq!(l.suppressed_publish(1, 1), None);
     }
 }

@@ -7,7 +7,11 @@
 //! ([`Tap::quiesce`]) so the container's state stops changing, captures the
 //! broker position as a [`Cut`] while the container is frozen
 //! ([`Tap::capture_cut`]), and, started again with that cut after a restore,
-//! rewrites the app's stream consumers to resume exactly at the cut.
+//! rewrites the app's stream consumers to resume exactly at the cut. For a
+//! migration after a leave-running checkpoint it also fences the source
+//! ([`Tap::fence`]: how many publishes it made after the cut) and has the
+//! restored tap suppress that many of the restored app's first publishes
+//! ([`Tap::start_with`], [`Resume`]; see [`fence`]).
 //!
 //! Data flow per connection: client socket → [`codec::FrameReader`] → only
 //! method frames (and the content header following a delivery) are decoded →
@@ -30,6 +34,26 @@
 //! outlive the checkpoint. On restore: make listeners in the *new* network
 //! namespace before the app runs and `Tap::start(config, listeners,
 //! Some(cut))`.
+//!
+//! # Migration after a leave-running checkpoint (the MS2M fence)
+//!
+//! ```text
+//! /* source, leave-running checkpoint as above: capture_cut restarts the
+//!    publish count (Tap::publishes_since_cut); the source goes on */
+//! /* later, to stop the source for good: */
+//! let fence = tap.fence(cfg.quiesce_timeout).await;  // quiesce + count; stays held
+//! /* or: let q = tap.quiesce(..).await; ...; let fence = tap.fence_now(&q); */
+//! /* kill the source container, then: */
+//! tap.close_for_exit().await;
+//! /* ship the fence with the checkpoint; on the target: */
+//! let resume = Resume::after_fence(cut, &fence)?;    // checks fence ↔ cut
+//! Tap::start_with(config, listeners, resume).await?;
+//! ```
+//! The restored app re-processes the messages from the cut on; the restored
+//! tap drops its first `fence.publishes_after_cut` basic.publish commands
+//! (over all connections, in arrival order), acking confirm-mode ones to the
+//! app itself and shifting the broker's confirm tags after them (see
+//! [`fence`] for the rule). Downstream then sees each result once.
 //!
 //! # Guarantees and their limits
 //!
@@ -54,6 +78,23 @@
 //!   resume test), so nothing before the cut is re-delivered. Classic queues
 //!   need no rewrite: the broker redelivers what was not acked when the old
 //!   connection closed.
+//! - Fence and suppression rest on the app being deterministic: fed the same
+//!   input sequence from the cut on, the restored instance makes the same
+//!   publishes in the same order (over all its connections) as the source
+//!   did, and its first `P` publishes are exactly the source's `P` publishes
+//!   after the cut. Nothing checks the contents: a restored instance that
+//!   publishes in a different order, publishes a different number of
+//!   messages per input, publishes on its own (timers, start-up messages)
+//!   or retries publishes has the *wrong* publishes suppressed (lost
+//!   downstream) or duplicates left. A publish counts when the tap reads its
+//!   method frame: the count is exact when the app publishes a result
+//!   before acking its input on the same connection and the quiesce before
+//!   the cut and before the fence completed; publishes read after the fence
+//!   are forwarded and not counted (stop the source promptly). A checkpoint
+//!   of a restored container taken while [`Tap::suppress_remaining`] is not
+//!   0 must add it to the next restore's suppression (the cut does not carry
+//!   it). Publishes inside transactions (tx.select) are dropped like any
+//!   other; the app's tx.commit then commits fewer messages.
 //! - Malformed or oversized frames from either side close that connection
 //!   pair with one warning; other connections are unaffected. Frame size is
 //!   capped by [`TapConfig::max_frame`] before tuning and by the negotiated
@@ -65,6 +106,7 @@
 pub mod codec;
 mod control;
 pub mod cut;
+pub mod fence;
 pub mod ledger;
 mod listener;
 mod proxy;
@@ -74,6 +116,7 @@ use std::time::Duration;
 
 pub use control::{Quiesce, Tap, TapStats};
 pub use cut::{Cut, InDoubt, OffsetSpec, QueueCut, QueueKind, QuiesceReport};
+pub use fence::{Fence, Resume, FENCE_SCHEMA};
 
 /// Default absolute cap on frame size (1 MiB; RabbitMQ negotiates 128 KiB).
 pub const DEFAULT_MAX_FRAME: u32 = 1024 * 1024;

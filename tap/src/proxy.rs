@@ -5,6 +5,12 @@
 //! for the ledger (except basic.publish, counted from its ids), and the
 //! content header after a delivery is decoded for `x-stream-offset` and
 //! message-id. Body frames are never decoded.
+//!
+//! Publish suppression after a restore ([`crate::fence`]): a dropped
+//! publish's frames are not forwarded; the acks the tap owes the app for
+//! dropped confirm-mode publishes go from the client direction to the broker
+//! direction over a channel ([`Injected`]), and broker confirms are shifted
+//! there.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,29 +22,46 @@ use amq_protocol::protocol::{basic, channel, connection, parse_class, AMQPClass}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::codec::{self, CodecError, FrameReader, FRAME_HEADER, FRAME_METHOD};
 use crate::control::{Mode, Shared};
+use crate::fence::{self, ContentDrop, DropStep};
 use crate::ledger::{header_fields, Delivery};
+
+/// A frame the tap itself sends the client (channel, encoded frame).
+type Injected = (u16, Vec<u8>);
 
 const READ_CHUNK: usize = 64 * 1024;
 
-/// What a direction woke up for: bytes read, or a new mode.
+/// What a direction woke up for: bytes read, a new mode, or a frame to
+/// inject.
 enum Wake {
     Read(usize),
     Mode(Mode),
+    Inject(Injected),
 }
 
 /// Reads from `rd` into `reader`, or returns the new mode when it changes
-/// first (a dropped sender counts as [`Mode::Shutdown`]).
+/// first (a dropped sender counts as [`Mode::Shutdown`]), or a frame from
+/// `inject` when one comes first.
 async fn read_or_mode(
     rd: &mut OwnedReadHalf,
     reader: &mut FrameReader,
     mode: &mut watch::Receiver<Mode>,
+    inject: Option<&mut mpsc::UnboundedReceiver<Injected>>,
     side: &'static str,
 ) -> Result<Wake, PairError> {
+    let injected = async {
+        match inject {
+            Some(rx) => match rx.recv().await {
+                Some(f) => f,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = rd.read_buf(reader.read_target(READ_CHUNK)) => {
             r.map(Wake::Read).map_err(|err| PairError::Io { side, err })
@@ -46,6 +69,7 @@ async fn read_or_mode(
         r = mode.changed() => {
             Ok(Wake::Mode(if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() }))
         }
+        f = injected => Ok(Wake::Inject(f)),
     }
 }
 
@@ -142,9 +166,10 @@ async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64
         id,
         frame_max: &frame_max,
     };
+    let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let res = tokio::select! {
-        r = pair.client_to_upstream(cr, uw, shared.mode.subscribe()) => r,
-        r = pair.upstream_to_client(ur, cw, shared.mode.subscribe()) => r,
+        r = pair.client_to_upstream(cr, uw, shared.mode.subscribe(), inject_tx) => r,
+        r = pair.upstream_to_client(ur, cw, shared.mode.subscribe(), inject_rx) => r,
     };
     match res {
         Ok(End::ClientClosed) => debug!(conn = id, %peer, "ms2m tap: client closed"),
@@ -252,13 +277,16 @@ impl Pair<'_> {
         mut cr: OwnedReadHalf,
         mut uw: OwnedWriteHalf,
         mut mode: watch::Receiver<Mode>,
+        inject: mpsc::UnboundedSender<Injected>,
     ) -> Result<End, PairError> {
         let side = "client";
         let mut reader = FrameReader::new(self.shared.config.max_frame);
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut handshake = false;
+        // Channels inside the content of a suppressed publish.
+        let mut dropping: HashMap<u16, ContentDrop> = HashMap::new();
         loop {
-            let n = match read_or_mode(&mut cr, &mut reader, &mut mode, side).await? {
+            let n = match read_or_mode(&mut cr, &mut reader, &mut mode, None, side).await? {
                 Wake::Read(n) => n,
                 Wake::Mode(Mode::Exit) => {
                     let close =
@@ -276,7 +304,7 @@ impl Pair<'_> {
                     return Ok(End::Exit);
                 }
                 Wake::Mode(Mode::Shutdown) => return Ok(End::Shutdown),
-                Wake::Mode(_) => continue,
+                Wake::Mode(_) | Wake::Inject(_) => continue,
             };
             if n == 0 {
                 return Ok(End::ClientClosed);
@@ -300,16 +328,51 @@ impl Pair<'_> {
                 .map_err(|err| PairError::Codec { side, err })?
             {
                 frames += 1;
+                if let Some(d) = dropping.get_mut(&f.channel) {
+                    // The content of a suppressed publish: dropped.
+                    let payload = &reader.buffered()[f.payload_range()];
+                    let step = d
+                        .feed(f.kind, payload)
+                        .map_err(|e| PairError::Other(format!("channel {}: {e}", f.channel)))?;
+                    if step == DropStep::Done {
+                        let tag = d.ack_tag;
+                        dropping.remove(&f.channel);
+                        if let Some(tag) = tag {
+                            let mut ack = Vec::new();
+                            codec::encode_method(f.channel, &fence::synthetic_ack(tag), &mut ack)
+                                .map_err(PairError::Other)?;
+                            // The broker direction outlives this one only
+                            // while the pair is closing: nothing to ack then.
+                            let _ = inject.send((f.channel, ack));
+                        }
+                    }
+                    continue;
+                }
                 if f.kind == FRAME_METHOD {
                     let payload = &reader.buffered()[f.payload_range()];
                     let (class, method) = ids(payload);
                     if (class, method) == (60, 40) {
                         // basic.publish: counted without decoding.
+                        if f.channel != 0 && self.shared.take_suppression() {
+                            let tag = self.shared.ledger().suppressed_publish(self.id, f.channel);
+                            debug!(
+                                conn = self.id,
+                                channel = f.channel,
+                                confirm_tag = ?tag,
+                                "ms2m tap: suppressing a publish"
+                            );
+                            dropping.insert(f.channel, ContentDrop::new(tag));
+                            continue;
+                        }
                         self.shared.ledger().client_method(
                             self.id,
                             f.channel,
                             &AMQPClass::Basic(basic::AMQPMethod::Publish(Default::default())),
                         );
+                        self.shared
+                            .counters
+                            .publishes_since_cut
+                            .fetch_add(1, Ordering::SeqCst);
                     } else {
                         let m = decode(payload, side)?;
                         if let AMQPClass::Connection(connection::AMQPMethod::TuneOk(t)) = &m {
@@ -350,6 +413,7 @@ impl Pair<'_> {
         mut ur: OwnedReadHalf,
         mut cw: OwnedWriteHalf,
         mut mode: watch::Receiver<Mode>,
+        mut inject: mpsc::UnboundedReceiver<Injected>,
     ) -> Result<End, PairError> {
         let side = "broker";
         let counters = &self.shared.counters;
@@ -390,7 +454,32 @@ impl Pair<'_> {
                     err,
                 })?;
             }
-            let n = match read_or_mode(&mut ur, &mut reader, &mut mode, side).await? {
+            let n = match read_or_mode(&mut ur, &mut reader, &mut mode, Some(&mut inject), side)
+                .await?
+            {
+                Wake::Inject((ch, bytes)) => {
+                    // A frame of the tap's own (an ack for a suppressed
+                    // publish): in order with its channel's held frames.
+                    let mut frames = vec![(ch, bytes)];
+                    while let Ok(f) = inject.try_recv() {
+                        frames.push(f);
+                    }
+                    for (ch, bytes) in frames {
+                        if held_channels.contains(&ch) {
+                            held.push((ch, bytes));
+                        } else {
+                            out.extend_from_slice(&bytes);
+                        }
+                    }
+                    if !out.is_empty() {
+                        cw.write_all(&out).await.map_err(|err| PairError::Io {
+                            side: "client",
+                            err,
+                        })?;
+                        out.clear();
+                    }
+                    continue;
+                }
                 Wake::Read(n) => n,
                 Wake::Mode(Mode::Exit) => {
                     held_deliveries.clear();
@@ -430,6 +519,16 @@ impl Pair<'_> {
             // not conclude between reading the mode and recording deliveries.
             let _batch = BatchGuard::enter(&counters.batches_active);
             let holding = *mode.borrow() == Mode::Hold;
+            // Frames the tap injected before these broker frames were read
+            // go first: an ack for a suppressed publish must precede any
+            // broker confirm (a multiple one could cover it).
+            while let Ok((ch, bytes)) = inject.try_recv() {
+                if held_channels.contains(&ch) {
+                    held.push((ch, bytes));
+                } else {
+                    out.extend_from_slice(&bytes);
+                }
+            }
             while let Some(f) = reader
                 .next_frame()
                 .map_err(|err| PairError::Codec { side, err })?
@@ -437,6 +536,8 @@ impl Pair<'_> {
                 frames += 1;
                 let ch = f.channel;
                 let mut hold_this = ch != 0 && held_channels.contains(&ch);
+                // A rewritten frame replacing this one (shifted confirm).
+                let mut replacement: Option<Vec<u8>> = None;
                 if f.kind == FRAME_METHOD {
                     let payload = &reader.buffered()[f.payload_range()];
                     let m = decode(payload, side)?;
@@ -500,6 +601,22 @@ impl Pair<'_> {
                             hold_this = false;
                             self.shared.ledger().server_method(self.id, ch, &m);
                         }
+                        AMQPClass::Basic(
+                            basic::AMQPMethod::Ack(_) | basic::AMQPMethod::Nack(_),
+                        ) => {
+                            // A publisher confirm: shifted past the publishes
+                            // the tap suppressed on this channel.
+                            let shift = {
+                                let mut ledger = self.shared.ledger();
+                                ledger.server_method(self.id, ch, &m);
+                                ledger.confirm_shift(self.id, ch)
+                            };
+                            if let Some(rw) = fence::shift_confirm(&m, shift) {
+                                let mut b = Vec::new();
+                                codec::encode_method(ch, &rw, &mut b).map_err(PairError::Other)?;
+                                replacement = Some(b);
+                            }
+                        }
                         other => self.shared.ledger().server_method(self.id, ch, other),
                     }
                 } else if f.kind == FRAME_HEADER {
@@ -527,7 +644,10 @@ impl Pair<'_> {
                         }
                     }
                 }
-                let bytes = &reader.buffered()[f.range()];
+                let bytes = match &replacement {
+                    Some(b) => b.as_slice(),
+                    None => &reader.buffered()[f.range()],
+                };
                 if hold_this {
                     held_channels.insert(ch);
                     held.push((ch, bytes.to_vec()));

@@ -381,3 +381,175 @@ fn listen_in_netns_serves_clients_inside() {
     assert_eq!(res[0], ("127.0.0.1:5672", true), "{res:?}");
     rt.block_on(tap.shutdown());
 }
+
+/// Content header + body frames of a publish on `ch`, the body cut into
+/// `parts`.
+fn content_frames(ch: u16, parts: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let size: usize = parts.iter().map(|p| p.len()).sum();
+    let header = amq_protocol::frame::AMQPFrame::Header(
+        ch,
+        amq_protocol::frame::AMQPContentHeader {
+            class_id: 60,
+            body_size: size as u64,
+            properties: basic::AMQPProperties::default(),
+        },
+    );
+    let ctx = amq_protocol::frame::WriteContext::from(Vec::new());
+    let header = amq_protocol::frame::gen_frame(&header)(ctx)
+        .unwrap()
+        .into_inner()
+        .0;
+    let bodies = parts
+        .iter()
+        .map(|p| {
+            let mut b = vec![FRAME_BODY];
+            b.extend_from_slice(&ch.to_be_bytes());
+            b.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            b.extend_from_slice(p);
+            b.push(codec::FRAME_END);
+            b
+        })
+        .collect();
+    (header, bodies)
+}
+
+fn publish_method(ch: u16, q: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec::encode_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            routing_key: q.into(),
+            ..Default::default()
+        })),
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// Suppressed publishes whose frames interleave with another channel's are
+/// dropped per channel; the confirm-mode one is acked by the tap, and the
+/// broker's confirm after it is shifted.
+#[test]
+fn suppressed_publishes_interleaved_across_channels() {
+    require_broker();
+    let h = start_tap_resume(
+        TapConfig::new(BROKER).unwrap(),
+        ms2m_tap::Resume {
+            cut: None,
+            suppress_publishes: 2,
+        },
+    );
+    let q = unique("raw-suppress");
+    let mut c = Raw::new(h.addr, false);
+    c.handshake();
+    for ch in [1, 2] {
+        c.method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(Default::default())),
+        );
+        assert!(matches!(
+            c.expect_method(),
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))
+        ));
+    }
+    c.method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: q.as_str().into(),
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        c.expect_method(),
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+    ));
+    c.method(
+        1,
+        AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(
+            amq_protocol::protocol::confirm::Select { nowait: false },
+        )),
+    );
+    assert!(matches!(
+        c.expect_method(),
+        AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(_))
+    ));
+    // two suppressed publishes, their frames interleaved, then one
+    // forwarded publish on each channel
+    let (h1, b1) = content_frames(1, &[b"dropped-", b"one"]);
+    let (h2, b2) = content_frames(2, &[b"dropped-two"]);
+    let mut bytes = publish_method(1, &q);
+    bytes.extend(publish_method(2, &q));
+    bytes.extend(&h1);
+    bytes.extend(&h2);
+    bytes.extend(&b1[0]);
+    bytes.extend(&b2[0]);
+    bytes.extend(&b1[1]);
+    for (ch, body) in [(1u16, b"kept-1".as_slice()), (2, b"kept-2")] {
+        bytes.extend(publish_method(ch, &q));
+        let (hh, bb) = content_frames(ch, &[body]);
+        bytes.extend(hh);
+        bytes.extend(bb.concat());
+    }
+    c.send(&bytes);
+    // channel 1: the tap's ack for app seq 1, then the broker's ack for its
+    // seq 1 shifted to the app's seq 2
+    let mut tags = vec![];
+    while tags.len() < 2 {
+        let (kind, ch, payload) = c.frame();
+        if kind != FRAME_METHOD {
+            continue;
+        }
+        let m = amq_protocol::protocol::parse_class(payload.as_slice())
+            .unwrap()
+            .1;
+        match m {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                assert_eq!(ch, 1);
+                tags.push(a.delivery_tag);
+            }
+            m => panic!("unexpected {m:?} on channel {ch}"),
+        }
+    }
+    assert_eq!(tags, vec![1, 2]);
+    // the queue holds exactly the two kept messages
+    let mut got = vec![];
+    for _ in 0..100 {
+        c.method(
+            2,
+            AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+                queue: q.as_str().into(),
+                no_ack: true,
+            })),
+        );
+        match c.expect_method() {
+            AMQPClass::Basic(basic::AMQPMethod::GetOk(_)) => {
+                let (kind, _, _) = c.frame();
+                assert_eq!(kind, FRAME_HEADER);
+                let (kind, _, body) = c.frame();
+                assert_eq!(kind, FRAME_BODY);
+                got.push(String::from_utf8(body).unwrap());
+            }
+            AMQPClass::Basic(basic::AMQPMethod::GetEmpty(_)) if got.len() >= 2 => break,
+            AMQPClass::Basic(basic::AMQPMethod::GetEmpty(_)) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["kept-1", "kept-2"]);
+    let st = h.tap.stats();
+    assert_eq!((st.publishes, st.suppressed), (2, 2));
+    c.method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: q.as_str().into(),
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        c.expect_method(),
+        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))
+    ));
+}

@@ -10,7 +10,7 @@ use lapin::message::Delivery;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use ms2m_tap::{Cut, Tap, TapConfig};
+use ms2m_tap::{Cut, Resume, Tap, TapConfig};
 
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -67,6 +67,11 @@ impl Drop for Harness {
 }
 
 pub fn start_tap_with(config: TapConfig, resume: Option<Cut>) -> Harness {
+    start_tap_resume(config, Resume::from_cut(resume))
+}
+
+/// A tap started with [`Tap::start_with`].
+pub fn start_tap_resume(config: TapConfig, resume: Resume) -> Harness {
     init_tracing();
     let listeners = Tap::listen_loopback(0).expect("bind loopback");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -77,7 +82,7 @@ pub fn start_tap_with(config: TapConfig, resume: Option<Cut>) -> Harness {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let tap = Tap::start(config, listeners, resume).await.unwrap();
+            let tap = Tap::start_with(config, listeners, resume).await.unwrap();
             tx.send(tap.clone()).unwrap();
             let _ = stop_rx.await;
             tap.shutdown().await;
