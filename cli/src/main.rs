@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod client;
+mod fence;
 mod inspect;
 mod options;
 mod output;
@@ -54,6 +55,10 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Show what a checkpoint directory holds (its ms2m manifest).
     Inspect(inspect::InspectArgs),
+    /// Fence the source of a leave-running checkpoint (AMQP tap): hold its
+    /// deliveries and record in the checkpoint directory what it published
+    /// since the cut, for the restore to suppress.
+    Fence(fence::FenceArgs),
 }
 
 impl Command {
@@ -62,6 +67,7 @@ impl Command {
             Command::Checkpoint(a) => a.json,
             Command::Restore(a) => a.json,
             Command::Inspect(a) => a.json,
+            Command::Fence(a) => a.json,
         }
     }
 
@@ -73,6 +79,7 @@ impl Command {
                 format!("restore of container {} from {} failed", a.id, a.from)
             }
             Command::Inspect(a) => format!("inspect of {} failed", a.dir.display()),
+            Command::Fence(a) => format!("fence of container {} failed", a.id),
         }
     }
 }
@@ -96,6 +103,15 @@ async fn run(cli: &Cli) -> Result<()> {
                 output::print_json(&report)?;
             } else {
                 print!("{}", output::restore_text(&report));
+            }
+        }
+        Command::Fence(args) => {
+            let cd = Containerd::connect(&cli.address, &cli.namespace).await?;
+            let report = fence::run(&cd, args).await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", output::fence_text(&report));
             }
         }
         Command::Inspect(args) => {

@@ -148,6 +148,37 @@ pub fn restore_text(r: &RestoreReport) -> String {
     s
 }
 
+/// The text report of `ms2m fence`.
+pub fn fence_text(r: &crate::fence::FenceReport) -> String {
+    let mut s = String::new();
+    let f = &r.fence;
+    let _ = writeln!(
+        s,
+        "fenced container {} for {}",
+        r.container_id, r.image_path
+    );
+    let _ = writeln!(
+        s,
+        "  publishes after the cut: {} (a restore of this checkpoint suppresses them)",
+        f["publishes_after_cut"]
+    );
+    let _ = writeln!(
+        s,
+        "  quiesce:     complete {}, waited {} ms, unsettled {}",
+        f["quiesce"]["complete"], f["quiesce"]["waited_ms"], f["quiesce"]["unsettled"]
+    );
+    let _ = writeln!(
+        s,
+        "  source:      {}",
+        if r.killed {
+            "killed"
+        } else {
+            "running, deliveries held: stop it before the restore goes live"
+        }
+    );
+    s
+}
+
 /// The text report of `ms2m inspect`.
 pub fn inspect_text(r: &InspectReport) -> String {
     let mut s = String::new();

@@ -10,8 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use containerd_client::services::v1::snapshots::MountsRequest;
 use containerd_client::services::v1::{
-    CreateTaskRequest, DeleteTaskRequest, GetImageRequest, KillRequest, ReadContentRequest,
-    StartRequest, WaitRequest,
+    CreateTaskRequest, DeleteTaskRequest, GetImageRequest, ReadContentRequest, StartRequest,
 };
 use containerd_client::tonic::Code;
 use containerd_client::types::{Descriptor, Mount};
@@ -30,9 +29,6 @@ pub const CRIU_CHECKPOINT_MEDIA_TYPE: &str =
 /// Where CRIU's restore work directories go when no `--work-path` is given
 /// (one per container, emptied on each restore).
 pub const DEFAULT_RESTORE_WORK_ROOT: &str = "/run/ms2m/restore-work";
-
-/// How long `--force` waits for a killed task to stop.
-const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// Arguments of `ms2m restore`.
 #[derive(Debug, Args)]
@@ -267,38 +263,6 @@ async fn delete_task(cd: &Containerd, id: &str) -> Result<()> {
     }
 }
 
-async fn kill_and_wait(cd: &Containerd, id: &str) -> Result<()> {
-    const SIGKILL: u32 = 9;
-    match cd
-        .tasks()
-        .kill(cd.request(KillRequest {
-            container_id: id.to_string(),
-            exec_id: String::new(),
-            signal: SIGKILL,
-            all: true,
-        }))
-        .await
-    {
-        Ok(_) => {}
-        Err(s) if s.code() == Code::NotFound => return Ok(()),
-        Err(s) => return Err(grpc("Tasks.Kill")(s)),
-    }
-    let mut tasks = cd.tasks();
-    let wait = tasks.wait(cd.request(WaitRequest {
-        container_id: id.to_string(),
-        exec_id: String::new(),
-    }));
-    match tokio::time::timeout(KILL_WAIT, wait).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
-        Ok(Err(s)) => Err(grpc("Tasks.Wait")(s)),
-        Err(_) => anyhow::bail!(
-            "the killed task did not stop within {}s",
-            KILL_WAIT.as_secs()
-        ),
-    }
-}
-
 /// Reads a whole blob from the content store.
 async fn read_blob(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
     read_blob_range(cd, digest, 0, 0).await
@@ -447,7 +411,7 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
                         p.pid
                     );
                 }
-                kill_and_wait(cd, id)
+                crate::fence::kill_and_wait(cd, id)
                     .await
                     .with_context(|| format!("cannot kill the {status} task of container {id}"))?;
             }

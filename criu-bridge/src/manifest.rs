@@ -17,6 +17,25 @@ use crate::Error;
 
 /// File name of the manifest inside a checkpoint's image directory.
 pub const MANIFEST_FILE: &str = "ms2m-manifest.json";
+
+/// File name of the publish fence beside the manifest: what the source of
+/// a leave-running checkpoint published after the cut, written by `ms2m
+/// fence` (the shim's answer to a [`FENCE_REQUEST_TYPE_URL`] update) and
+/// read at restore (docs/broker.md, "The fence").
+pub const FENCE_FILE: &str = "ms2m-fence.json";
+
+/// `type_url` of the task `Update` resources that ask ms2m's shim for a
+/// fence instead of a resource update; the value is a JSON
+/// [`FenceRequest`].
+pub const FENCE_REQUEST_TYPE_URL: &str = "ms2m.io/fence.v1";
+
+/// The body of a fence request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRequest {
+    /// The checkpoint directory (its manifest holds the cut the fence
+    /// closes); the fence is written there as [`FENCE_FILE`].
+    pub image_path: String,
+}
 /// The `schema` every manifest carries.
 pub const MANIFEST_SCHEMA: &str = "ms2m.checkpoint";
 /// The manifest version this build writes, and the newest it reads.

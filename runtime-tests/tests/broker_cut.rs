@@ -11,6 +11,10 @@
 //!   from the content store: the restored state is exactly "cut prefix +
 //!   everything after"; results published by the killed source after the
 //!   cut are duplicates downstream, and only those;
+//! - the fence: leave-running `ms2m checkpoint`, the source goes on, `ms2m
+//!   fence --kill`, `ms2m restore`: the restored instance's replayed
+//!   publishes are suppressed, every result downstream exactly once (lapin
+//!   and pika); a fence for a checkpoint that is not the newest is refused;
 //! - a leave-running checkpoint at ~1000 msg/s: the processing pause as the
 //!   consumer's own timestamps show it (printed), nothing lost or repeated;
 //! - a quiesce that times out (the consumer SIGSTOPped): `quiesce.complete`
@@ -346,6 +350,102 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
         "{name}: cut at seq {cut}; {} results of the killed source after the cut are duplicates downstream",
         report.duplicated.len()
     );
+}
+
+/// The MS2M cutover with a fence: leave-running `ms2m checkpoint` into a
+/// directory, the source keeps processing (and publishing results), a
+/// second checkpoint, a fence for the *first* one (refused: it is not the
+/// tap's last cut; the source keeps running and processing), then `ms2m
+/// fence --kill` for the second, and `ms2m restore` of it. The restored
+/// instance replays from the cut with its first publishes suppressed (the
+/// ones the source had made after the cut): downstream, every result
+/// exactly once, in order, and the restored state is that of 1..=N.
+fn leave_running_fence_kill_restore(client: Client, name: &str) {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new(&format!("bc-{name}"));
+    let q = TestQueues::new(&format!("bc-{name}"), QueueKind::Stream);
+    let c = start_consumer(client, &q, &td, name, &[]);
+    const N: u64 = 1200;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer_count(&c, 150, Duration::from_secs(20));
+
+    let (old, img) = (td.join("ck-old"), td.join("ck"));
+    ms2m(&["checkpoint", "--image-path", path_str(&old), &c.id]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    // The source keeps processing past the cut.
+    std::thread::sleep(Duration::from_millis(700));
+
+    // A fence for a checkpoint that is not the newest is refused, and the
+    // source goes on processing.
+    let out = ms2m(&["fence", "--image-path", path_str(&old), &c.id]);
+    assert!(!out.success(), "fence of a stale checkpoint worked: {out}");
+    assert!(out.stderr.contains("not the tap's last cut"), "{out}");
+    assert!(!old.join("ms2m-fence.json").exists());
+    let n = consumer_state(&c).map(|s| s.count).unwrap_or(0);
+    wait_consumer_count(&c, n + 30, Duration::from_secs(10));
+
+    let out = ms2m(&[
+        "fence",
+        "--kill",
+        "--json",
+        "--image-path",
+        path_str(&img),
+        &c.id,
+    ])
+    .ok();
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m fence --json` did not print JSON ({e}): {out}"));
+    let fence = &report["fence"];
+    eprintln!("{name}: fence {fence}");
+    let after_cut = fence["publishes_after_cut"].as_u64().unwrap_or(0);
+    assert!(
+        after_cut >= 30,
+        "the source published after the cut: {fence}"
+    );
+    assert_eq!(fence["quiesce"]["complete"], true, "{fence}");
+    assert_eq!(
+        fence["cut_taken_at_unix_ms"],
+        manifest(&img)["broker"]["captured_at_unix_ms"],
+        "{fence}"
+    );
+    let status = c.status();
+    assert!(
+        status.is_none() || status.as_deref() == Some("STOPPED"),
+        "after fence --kill the task is {status:?}"
+    );
+
+    let restored_log = td.join(&format!("{name}.restored.log"));
+    let out = ms2m(&[
+        "restore",
+        "--force",
+        "--log",
+        path_str(&restored_log),
+        &c.id,
+        path_str(&img),
+    ]);
+    assert!(out.success(), "ms2m restore: {out}");
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    // (collect_results lingers after N: a surplus would be caught.)
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+    eprintln!(
+        "{name}: {after_cut} publishes of the source after the cut were suppressed on replay"
+    );
+}
+
+#[test]
+fn lapin_stream_fence_kill_restore_publishes_nothing_twice() {
+    leave_running_fence_kill_restore(Client::Lapin, "lapin-fence");
+}
+
+#[test]
+fn pika_stream_fence_kill_restore_publishes_nothing_twice() {
+    leave_running_fence_kill_restore(Client::Pika, "pika-fence");
 }
 
 /// Removes a checkpoint image from the content store on drop.

@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ms2m_tap::{Cut, Quiesce, Tap, TapConfig};
+use criu_bridge::manifest::{Manifest, FENCE_FILE};
+use ms2m_tap::{Cut, Fence, Quiesce, Resume, Tap, TapConfig};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -30,8 +31,9 @@ use crate::frozen_window::{FrozenContext, FrozenWindow};
 pub const MANIFEST_KEY: &str = "broker";
 
 /// Binds the tap's listeners in the network namespace of `pid` (bringing
-/// `lo` up first: a restored namespace has it down) and starts the tap.
-pub async fn start(id: &str, pid: i32, config: &TapConfig, resume: Option<Cut>) -> Result<Tap> {
+/// `lo` up first: a restored namespace has it down) and starts the tap,
+/// resumed as `resume` says (see [`resume_of`]).
+pub async fn start(id: &str, pid: i32, config: &TapConfig, resume: Resume) -> Result<Tap> {
     let t0 = Instant::now();
     let port = config.listen_port;
     let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
@@ -52,11 +54,12 @@ pub async fn start(id: &str, pid: i32, config: &TapConfig, resume: Option<Cut>) 
     if let Err(e) = lo {
         tracing::warn!(id, "tap: cannot bring lo up in the container: {e}");
     }
-    let resumed = resume.as_ref().map(|c| c.queues.len());
+    let resumed = resume.cut.as_ref().map(|c| c.queues.len());
+    let suppress = resume.suppress_publishes;
     // The tap's connection tasks carry this span: their log lines name
     // the container.
     let span = tracing::info_span!(parent: None, "tap", id);
-    let tap = Tap::start(config.clone(), listeners, resume)
+    let tap = Tap::start_with(config.clone(), listeners, resume)
         .instrument(span)
         .await
         .map_err(|e| Error::Internal(format!("AMQP tap of container {id}: {e}")))?;
@@ -65,6 +68,7 @@ pub async fn start(id: &str, pid: i32, config: &TapConfig, resume: Option<Cut>) 
         upstream = %config.upstream,
         listen = ?tap.local_addrs(),
         resumed_queues = ?resumed,
+        suppress_publishes = suppress,
         elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
         "AMQP tap started"
     );
@@ -88,6 +92,108 @@ pub fn cut_of(manifest: &criu_bridge::manifest::Manifest, images: &Path) -> Resu
         })
 }
 
+/// Manifest `broker` key of the publishes a restored tap still had to
+/// suppress when this checkpoint's cut was taken.
+const SUPPRESS_PENDING_KEY: &str = "suppress_pending";
+
+/// How a restored tap resumes: at the manifest's cut, suppressing the
+/// publishes the fence in `images` (if any) says the source made after it,
+/// plus any still pending from an earlier fence. A fence that is malformed
+/// or belongs to another cut is an error: restoring past it would publish
+/// twice or drop results.
+pub fn resume_of(manifest: &Manifest, cut: Option<Cut>, images: &Path) -> Result<Resume> {
+    let pending = manifest
+        .extensions
+        .get(MANIFEST_KEY)
+        .and_then(|b| b.get(SUPPRESS_PENDING_KEY))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let file = images.join(FENCE_FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(Error::internal(
+                format!("read the fence {}", file.display()),
+                e,
+            ))
+        }
+    };
+    let mut resume = match (text, cut) {
+        (None, cut) => Resume::from_cut(cut),
+        (Some(_), None) => {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint {}: it has a fence ({FENCE_FILE}) but no broker cut",
+                images.display()
+            )))
+        }
+        (Some(t), Some(cut)) => {
+            let fence: Fence = serde_json::from_str(&t).map_err(|e| {
+                Error::InvalidArgument(format!("the fence {} is malformed: {e}", file.display()))
+            })?;
+            Resume::after_fence(cut, &fence).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "checkpoint {}: the fence in {FENCE_FILE} does not close this checkpoint's cut: {e}",
+                    images.display()
+                ))
+            })?
+        }
+    };
+    resume.suppress_publishes += pending;
+    Ok(resume)
+}
+
+/// The fence of a leave-running checkpoint's source (`ms2m fence`): holds
+/// the tap's deliveries, waits (bounded) for the app's acks, and writes
+/// into `images` how many publishes the source made since the cut of the
+/// checkpoint there, which a restore of it then suppresses. Deliveries
+/// stay held: the source is to be stopped next. When `images` does not
+/// hold this tap's last cut, the tap is released again and nothing is
+/// written.
+pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Result<Fence> {
+    let what = format!(
+        "fence of container {id} for the checkpoint in {}",
+        images.display()
+    );
+    let manifest = Manifest::read(images)
+        .map_err(|e| Error::InvalidArgument(format!("{what}: no readable ms2m manifest: {e}")))?;
+    let cut = cut_of(&manifest, images)?.ok_or_else(|| {
+        Error::FailedPrecondition(format!("{what}: the checkpoint has no broker cut"))
+    })?;
+    if manifest.container_id != id {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: the checkpoint is of container {}",
+            manifest.container_id
+        )));
+    }
+    let fence = tap.fence(config.quiesce_timeout).await;
+    if !fence.belongs_to(&cut) {
+        tap.release().await;
+        return Err(Error::FailedPrecondition(format!(
+            "{what}: that checkpoint's cut (taken at {} ms) is not the tap's last cut ({:?}); \
+             fence the newest leave-running checkpoint (the container keeps running)",
+            cut.captured_at_unix_ms, fence.cut_taken_at_unix_ms
+        )));
+    }
+    let body =
+        serde_json::to_vec_pretty(&fence).map_err(|e| Error::internal("encode the fence", e))?;
+    let tmp = images.join(format!(".{FENCE_FILE}.tmp"));
+    let written =
+        std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, images.join(FENCE_FILE)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tap.release().await;
+        return Err(Error::internal(format!("{what}: write {FENCE_FILE}"), e));
+    }
+    tracing::info!(
+        id,
+        publishes_after_cut = fence.publishes_after_cut,
+        quiesce_complete = fence.quiesce.complete,
+        "fenced: deliveries held, the source may be stopped"
+    );
+    Ok(fence)
+}
+
 /// Whether the upstream broker accepts TCP connections (bounded wait).
 pub async fn probe_upstream(config: &TapConfig, bound: Duration) -> bool {
     let addr = (config.upstream.host.as_str(), config.upstream.port);
@@ -97,6 +203,16 @@ pub async fn probe_upstream(config: &TapConfig, bound: Duration) -> bool {
     )
 }
 
+/// What the frozen window captured: the cut, and the publishes a restored
+/// tap still had to suppress then (from an earlier fence).
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The broker cut.
+    pub cut: Cut,
+    /// Publishes still to be suppressed at the cut.
+    pub suppress_pending: u64,
+}
+
 /// The tap's part in a checkpoint: quiesce at CRIU's `pre-dump`, cut in
 /// the frozen window (a [`FrozenWindow`]). Clones share one state.
 #[derive(Clone)]
@@ -104,7 +220,7 @@ pub struct CutHook {
     tap: Tap,
     bound: Duration,
     quiesce: Arc<Mutex<Option<Quiesce>>>,
-    cut: Arc<Mutex<Option<Cut>>>,
+    cut: Arc<Mutex<Option<Captured>>>,
     /// Runs the quiesce from CRIU's callback thread; releases held
     /// deliveries right after the capture (leave-running).
     runtime: Option<tokio::runtime::Handle>,
@@ -122,7 +238,7 @@ impl CutHook {
         quiesced: Option<Quiesce>,
         bound: Duration,
         release_after: bool,
-    ) -> (CutHook, Arc<Mutex<Option<Cut>>>) {
+    ) -> (CutHook, Arc<Mutex<Option<Captured>>>) {
         let cut = Arc::new(Mutex::new(None));
         (
             CutHook {
@@ -182,13 +298,18 @@ impl FrozenWindow for CutHook {
             unsettled: self.tap.stats().unsettled,
         });
         let cut = self.tap.capture_cut(&q);
+        let suppress_pending = self.tap.suppress_remaining();
         let summary = serde_json::json!({
             "queues": cut.queues.len(),
             "connections": cut.connections,
             "quiesce_waited_ms": q.waited_ms,
+            "suppress_pending": suppress_pending,
             "capture_us": t0.elapsed().as_micros() as u64,
         });
-        *lock(&self.cut) = Some(cut);
+        *lock(&self.cut) = Some(Captured {
+            cut,
+            suppress_pending,
+        });
         if let (true, Some(h)) = (self.release_after, &self.runtime) {
             let tap = self.tap.clone();
             h.spawn(async move { tap.release().await });
@@ -199,9 +320,20 @@ impl FrozenWindow for CutHook {
 
 /// The manifest's `broker` section: the cut plus what the shim knows about
 /// the checkpoint (upstream reachability, how the tap was left).
-pub fn section(cut: &Cut, upstream_reachable: bool, after: &str) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(cut).map_err(|e| Error::internal("encode the cut", e))?;
+pub fn section(
+    captured: &Captured,
+    upstream_reachable: bool,
+    after: &str,
+) -> Result<serde_json::Value> {
+    let mut v =
+        serde_json::to_value(&captured.cut).map_err(|e| Error::internal("encode the cut", e))?;
     if let Some(o) = v.as_object_mut() {
+        if captured.suppress_pending > 0 {
+            o.insert(
+                SUPPRESS_PENDING_KEY.into(),
+                serde_json::Value::from(captured.suppress_pending),
+            );
+        }
         o.insert(
             "upstream_reachable".into(),
             serde_json::Value::Bool(upstream_reachable),
@@ -229,8 +361,13 @@ mod tests {
 
     #[test]
     fn section_round_trips_through_the_manifest() {
-        let v = section(&cut(), false, "released").unwrap();
+        let captured = Captured {
+            cut: cut(),
+            suppress_pending: 0,
+        };
+        let v = section(&captured, false, "released").unwrap();
         assert_eq!(v["upstream_reachable"], false);
+        assert!(v.get(SUPPRESS_PENDING_KEY).is_none(), "{v}");
         assert_eq!(v["after_checkpoint"], "released");
         let mut m = criu_bridge::manifest::Manifest::new("c1");
         m.extensions.insert(MANIFEST_KEY.into(), v);
@@ -242,5 +379,52 @@ mod tests {
         assert!(e.to_string().contains("malformed"), "{e}");
         m.extensions.remove(MANIFEST_KEY);
         assert!(cut_of(&m, Path::new("/x")).unwrap().is_none());
+    }
+
+    fn fence(publishes: u64, cut_at: u64) -> Fence {
+        Fence {
+            schema: ms2m_tap::FENCE_SCHEMA.into(),
+            taken_at: "2026-01-01T00:00:01.000Z".into(),
+            taken_at_unix_ms: 1001,
+            publishes_after_cut: publishes,
+            cut_taken_at_unix_ms: Some(cut_at),
+            quiesce: Quiesce::default(),
+            queues: vec![],
+        }
+    }
+
+    #[test]
+    fn resume_counts_the_fence_and_what_was_pending() {
+        let dir = std::env::temp_dir().join(format!("ms2m-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Manifest::new("c1");
+        let captured = Captured {
+            cut: cut(),
+            suppress_pending: 2,
+        };
+        m.extensions.insert(
+            MANIFEST_KEY.into(),
+            section(&captured, true, "released").unwrap(),
+        );
+        // No fence: resume at the cut, still suppressing what was pending.
+        let r = resume_of(&m, Some(cut()), &dir).unwrap();
+        assert_eq!((r.cut.as_ref(), r.suppress_publishes), (Some(&cut()), 2));
+        // The fence of this cut adds what the source published after it.
+        let f = dir.join(FENCE_FILE);
+        std::fs::write(&f, serde_json::to_vec(&fence(7, 1)).unwrap()).unwrap();
+        assert_eq!(
+            resume_of(&m, Some(cut()), &dir).unwrap().suppress_publishes,
+            9
+        );
+        // A fence of another cut, a malformed one, or one without a cut: errors.
+        std::fs::write(&f, serde_json::to_vec(&fence(7, 99)).unwrap()).unwrap();
+        let e = resume_of(&m, Some(cut()), &dir).unwrap_err().to_string();
+        assert!(e.contains("does not close"), "{e}");
+        std::fs::write(&f, b"{not json").unwrap();
+        let e = resume_of(&m, Some(cut()), &dir).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        let e = resume_of(&m, None, &dir).unwrap_err().to_string();
+        assert!(e.contains("no broker cut"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -299,7 +299,7 @@ struct Dumped {
     cgroups_mode: Option<String>,
     rounds: Option<serde_json::Value>,
     /// The broker cut captured in the frozen window.
-    cut: Option<ms2m_tap::Cut>,
+    cut: Option<crate::broker::Captured>,
 }
 
 /// Checkpoints `target` into `image_path` and returns the manifest written

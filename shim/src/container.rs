@@ -225,7 +225,7 @@ pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Containe
     // not run yet). A restored container's tap starts after its restore.
     if let Ok(c) = &mut result {
         if let (Some(tc), true, None) = (&c.tap_config, c.init.pid > 0, &c.restore_from) {
-            match crate::broker::start(&c.id, c.init.pid, tc, None).await {
+            match crate::broker::start(&c.id, c.init.pid, tc, ms2m_tap::Resume::default()).await {
                 Ok(t) => c.tap = Some(t),
                 Err(e) => {
                     if let Err(d) = c.runc.delete(&c.id, true).await {

@@ -137,11 +137,11 @@ pub async fn restore(
         .as_ref()
         .map(|m| m.options.clone())
         .unwrap_or_default();
-    let cut = match &manifest {
-        Some(m) => crate::broker::cut_of(m, images)?,
-        None => None,
+    let resume = match &manifest {
+        Some(m) => crate::broker::resume_of(m, crate::broker::cut_of(m, images)?, images)?,
+        None => ms2m_tap::Resume::default(),
     };
-    if cut.is_some() && target.tap.is_none() {
+    if resume.cut.is_some() && target.tap.is_none() {
         tracing::warn!(
             id,
             "the checkpoint has a broker cut, but the container has no {} annotation: \
@@ -264,7 +264,7 @@ pub async fn restore(
     // The app's broker connection was restored closed: its client
     // reconnects to the tap in this new namespace, resumed at the cut.
     let tap = match target.tap {
-        Some(tc) => match crate::broker::start(id, pid, tc, cut).await {
+        Some(tc) => match crate::broker::start(id, pid, tc, resume).await {
             Ok(t) => Some(t),
             Err(e) => {
                 // Without its tap the restored app cannot reach the broker

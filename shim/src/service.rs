@@ -899,6 +899,11 @@ impl Inner {
     }
 
     async fn update(&self, req: api::UpdateTaskRequest) -> Result<()> {
+        if let Some(any) = req.resources.as_ref() {
+            if any.type_url == criu_bridge::manifest::FENCE_REQUEST_TYPE_URL {
+                return self.fence(&req.id, &any.value).await;
+            }
+        }
         let runc = self.state.lock().await.get(&req.id)?.runc.clone();
         let resources = req
             .resources
@@ -909,6 +914,31 @@ impl Inner {
                 Error::InvalidArgument(format!("update of container {}: no resources", req.id))
             })?;
         runc.update(&req.id, resources).await
+    }
+
+    /// `ms2m fence`: the task `Update` whose resources are a
+    /// [`criu_bridge::manifest::FenceRequest`] (see [`crate::broker::fence`]).
+    async fn fence(&self, id: &str, body: &[u8]) -> Result<()> {
+        let req: criu_bridge::manifest::FenceRequest =
+            serde_json::from_slice(body).map_err(|e| {
+                Error::InvalidArgument(format!("fence of container {id}: bad request: {e}"))
+            })?;
+        let (tap, config) = {
+            let st = self.state.lock().await;
+            let c = st.get(id)?;
+            match (c.tap.clone(), c.tap_config.clone()) {
+                (Some(t), Some(tc)) => (t, tc),
+                _ => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "fence of container {id}: it has no AMQP tap ({})",
+                        crate::config::TAP_UPSTREAM_ANNOTATION
+                    )))
+                }
+            }
+        };
+        crate::broker::fence(id, &tap, &config, Path::new(&req.image_path))
+            .await
+            .map(|_| ())
     }
 
     async fn close_io(&self, req: api::CloseIORequest) -> Result<()> {
