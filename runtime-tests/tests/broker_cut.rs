@@ -448,6 +448,39 @@ fn pika_stream_fence_kill_restore_publishes_nothing_twice() {
     leave_running_fence_kill_restore(Client::Pika, "pika-fence");
 }
 
+/// A fence for a classic-queue consumer is refused before anything is held
+/// (a classic queue cannot replay what the source acked after the cut),
+/// and the consumer goes on processing.
+#[test]
+fn fence_of_a_classic_queue_consumer_is_refused() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-fence-classic");
+    let q = TestQueues::new("bc-fence-classic", QueueKind::Classic);
+    let c = start_consumer(Client::Lapin, &q, &td, "lapin-fence-classic", &[]);
+    const N: u64 = 600;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer_count(&c, 100, Duration::from_secs(20));
+    let img = td.join("ck");
+    ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
+    let out = ms2m(&["fence", "--kill", "--image-path", path_str(&img), &c.id]);
+    assert!(
+        !out.success(),
+        "fence of a classic-queue consumer worked: {out}"
+    );
+    assert!(out.stderr.contains("classic queue"), "{out}");
+    assert!(!img.join("ms2m-fence.json").exists());
+    assert_eq!(
+        c.status().as_deref(),
+        Some("RUNNING"),
+        "--kill must not run after a refused fence"
+    );
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    assert_exact(&c, "lapin-fence-classic", &rep.confirmed, &results, N);
+}
+
 /// Removes a checkpoint image from the content store on drop.
 struct ImageCleanup(String);
 

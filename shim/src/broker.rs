@@ -166,6 +166,23 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
             manifest.container_id
         )));
     }
+    // A restore replays from the cut only on streams: what the source
+    // acked on a classic queue after the cut is gone from the broker, so
+    // suppressing the restored instance's first publishes would drop the
+    // results of *new* messages.
+    let classic: Vec<&str> = cut
+        .queues
+        .iter()
+        .filter(|q| q.kind == ms2m_tap::QueueKind::Classic)
+        .map(|q| q.name.as_str())
+        .collect();
+    if !classic.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "{what}: the container consumes classic queue(s) {classic:?}, which cannot replay \
+             what the source acked after the cut; a fence needs stream queues (use an exit \
+             checkpoint to move a classic-queue consumer). The container keeps running."
+        )));
+    }
     let fence = tap.fence(config.quiesce_timeout).await;
     if !fence.belongs_to(&cut) {
         tap.release().await;
