@@ -7,6 +7,10 @@
 #          the shim's tap under load; it is checkpointed with exit while
 #          messages keep arriving, restored, resumes exactly at the broker cut,
 #          and the checker shows 0 lost, 0 duplicated, 0 out of order.
+#  part 3: moving a consumer while it keeps serving: a leave-running
+#          checkpoint, the source goes on processing and publishing, then
+#          `ms2m fence --kill` and a restore: the replay's publishes the
+#          source had already made are suppressed, the checker shows zeros.
 #
 #   hack/demo.sh           set up everything first (idempotent), then run the demo
 #   MS2M_SKIP_SETUP=1 hack/demo.sh    skip the set-up step
@@ -19,7 +23,10 @@ ID=ms2m-demo
 CONSUMER=ms2m-demo-consumer
 CK=/dev/shm/ms2m-demo/checkpoint
 CK2=/dev/shm/ms2m-demo/consumer-checkpoint
+CK3=/dev/shm/ms2m-demo/moved-checkpoint
 QUEUE="ms2m-demo-stream-$$"
+MOVED=ms2m-demo-moved
+QUEUE3="ms2m-demo-moved-$$"
 ms2m_cli() { ms2m --address "$MS2M_CONTAINERD_ADDRESS" --namespace "$MS2M_NAMESPACE" "$@"; }
 counter() { ctr_ms2m task exec --exec-id "demo-read-$RANDOM" "$ID" cat /tmp/counter; }
 remove() {
@@ -30,7 +37,8 @@ remove() {
 cleanup() {
     remove "$ID"
     remove "$CONSUMER"
-    for q in "$QUEUE" "$QUEUE.results"; do
+    remove "$MOVED"
+    for q in "$QUEUE" "$QUEUE.results" "$QUEUE3" "$QUEUE3.results"; do
         rabbitmqctl -q -n ms2m@localhost delete_queue "$q" >/dev/null 2>&1 || true
     done
     rm -rf /dev/shm/ms2m-demo
@@ -74,18 +82,23 @@ remove "$ID"
 # ---------------------------------------------------------------- part 2
 DEMO_BIN="$CARGO_TARGET_DIR/release/ms2m-amqp-demo"
 (cd "$MS2M_ROOT" && cargo build --release --locked -q -p ms2m-runtime-tests --bin ms2m-amqp-demo)
-consumer_state() { ctr_ms2m task exec --exec-id "demo-st-$RANDOM" "$CONSUMER" cat /tmp/consumer-state 2>/dev/null || true; }
+state_of() { ctr_ms2m task exec --exec-id "demo-st-$RANDOM" "$1" cat /tmp/consumer-state 2>/dev/null || true; }
+consumer_state() { state_of "$CONSUMER"; }
+# run_consumer NAME QUEUE: the lapin consumer behind the tap, connected.
+run_consumer() {
+    ctr_ms2m run -d --runtime io.containerd.ms2m.v1 \
+        --annotation "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:5672/%2f" \
+        --env QUEUE="$2" --env QUEUE_TYPE=stream --env CONSUMER_NAME=demo \
+        --env AMQP_URL="amqp://guest:guest@localhost:5672/%2f" \
+        "$MS2M_TEST_IMAGE" "$1" /usr/local/bin/amqp-consumer
+    for _ in $(seq 1 100); do state_of "$1" | grep -Eq '"connects": *[1-9]' && break; sleep 0.1; done
+    state_of "$1" | grep -Eq '"connects": *[1-9]' || die "the consumer $1 did not connect through the tap"
+}
 
 step "6. An unmodified AMQP consumer behind the ms2m tap"
 echo "The container has only loopback; the shim serves amqp://localhost:5672 inside it"
 echo "(annotation io.ms2m.tap.upstream) and forwards to RabbitMQ on the host."
-ctr_ms2m run -d --runtime io.containerd.ms2m.v1 \
-    --annotation "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:5672/%2f" \
-    --env QUEUE="$QUEUE" --env QUEUE_TYPE=stream --env CONSUMER_NAME=demo \
-    --env AMQP_URL="amqp://guest:guest@localhost:5672/%2f" \
-    "$MS2M_TEST_IMAGE" "$CONSUMER" /usr/local/bin/amqp-consumer
-for _ in $(seq 1 100); do consumer_state | grep -Eq '"connects": *[1-9]' && break; sleep 0.1; done
-consumer_state | grep -Eq '"connects": *[1-9]' || die "the consumer did not connect through the tap"
+run_consumer "$CONSUMER" "$QUEUE"
 echo "consumer connected: $(consumer_state)"
 
 step "7. Produce 4000 messages at 500 msg/s; checkpoint with exit mid-stream"
@@ -108,5 +121,30 @@ echo "consumer after the restore: $(consumer_state)"
 step "9. The checker: what was produced against what the consumer processed and published"
 "$DEMO_BIN" check "$QUEUE.results" /dev/shm/ms2m-demo/confirmed \
     || die "the checker found lost, duplicated or out-of-order messages"
+remove "$CONSUMER"
+
+# ---------------------------------------------------------------- part 3
+step "10. Move a consumer while it keeps serving: leave-running checkpoint"
+run_consumer "$MOVED" "$QUEUE3"
+"$DEMO_BIN" produce "$QUEUE3" 4000 500 /dev/shm/ms2m-demo/confirmed3 &
+PRODUCER=$!
+sleep 2
+ms2m_cli checkpoint --image-path "$CK3" "$MOVED"
+echo "the source keeps processing and publishing results past the cut (1 s)..."
+sleep 1
+echo "source now: $(state_of "$MOVED")"
+
+step "11. Cutover: fence the source (hold its deliveries, count its publishes since the cut), kill it"
+ms2m_cli fence --kill --image-path "$CK3" "$MOVED"
+
+step "12. Restore: replay from the cut, the publishes the source already made are suppressed"
+ms2m_cli restore "$MOVED" "$CK3"
+wait "$PRODUCER"
+sleep 1
+echo "restored consumer: $(state_of "$MOVED")"
+
+step "13. The checker: no result is missing or published twice downstream"
+"$DEMO_BIN" check "$QUEUE3.results" /dev/shm/ms2m-demo/confirmed3 \
+    || die "the checker found lost, duplicated or out-of-order messages after the move"
 echo
 echo "demo finished"

@@ -321,8 +321,8 @@ pub async fn checkpoint(
     let mut plan = plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
     if target.tap.is_some() {
         plan.reason.push_str(
-            "; AMQP tap: quiesce before the freeze, cut in the frozen window, TCP restored \
-             closed (tcp-close), network lock skipped",
+            "; AMQP tap: quiesce at CRIU's pre-dump, cut in the frozen window, TCP restored \
+             closed (tcp-close), so no network lock after all",
         );
     }
     tracing::info!(
