@@ -96,28 +96,44 @@ impl CriuConfig {
     }
 }
 
-/// True when the network namespace of process `pid` has any TCP socket, in
-/// any state (listening ones too: a connection could arrive mid-dump).
+/// True when the network namespace of process `pid` has any TCP socket in
+/// use (listening or connected: a connection could arrive mid-dump).
+///
+/// Reads the namespace's own counters (`/proc/<pid>/net/sockstat` and
+/// `sockstat6`, `TCP: inuse N`), which cost nothing, rather than listing
+/// `/proc/<pid>/net/tcp`: the kernel walks the whole host's TCP hash tables
+/// for that listing, ~8 ms per checkpoint on this machine kind.
 pub fn netns_has_tcp(pid: u32) -> std::io::Result<bool> {
-    for table in ["tcp", "tcp6"] {
-        match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            Ok(text) if count_sockets(&text) > 0 => return Ok(true),
-            Ok(_) => {}
-            // A kernel without IPv6 has no tcp6 table.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && table == "tcp6" => {}
+    for (file, key) in [("sockstat", "TCP:"), ("sockstat6", "TCP6:")] {
+        match std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+            Ok(text) => match tcp_inuse(&text, key) {
+                Some(n) if n > 0 => return Ok(true),
+                Some(_) => {}
+                None => {
+                    return Err(std::io::Error::other(format!(
+                        "/proc/{pid}/net/{file} has no `{key} inuse N` line"
+                    )))
+                }
+            },
+            // A kernel without IPv6 has no sockstat6.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file == "sockstat6" => {}
             Err(e) => return Err(e),
         }
     }
     Ok(false)
 }
 
-/// Sockets listed in a /proc/net/tcp table (every line after the header).
-fn count_sockets(table: &str) -> usize {
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .count()
+/// The `inuse` count of the `key` line (`TCP:` or `TCP6:`) of a sockstat
+/// file.
+fn tcp_inuse(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(key))?;
+    let mut words = line.split_whitespace().skip(1);
+    while let Some(w) = words.next() {
+        if w == "inuse" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -140,17 +156,21 @@ mod tests {
     }
 
     #[test]
-    fn counts_tcp_sockets() {
-        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
-        assert_eq!(count_sockets(header), 0);
-        let one = format!("{header}   0: 0100007F:1628 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 100 0 0 10 0\n");
-        assert_eq!(count_sockets(&one), 1);
+    fn reads_tcp_inuse() {
+        let v4 = "sockets: used 26\nTCP: inuse 6 orphan 0 tw 2 alloc 8 mem 0\nUDP: inuse 0 mem 0\n";
+        assert_eq!(tcp_inuse(v4, "TCP:"), Some(6));
+        let v6 = "TCP6: inuse 0\nUDP6: inuse 0\n";
+        assert_eq!(tcp_inuse(v6, "TCP6:"), Some(0));
+        assert_eq!(tcp_inuse("UDP: inuse 3\n", "TCP:"), None);
+        assert_eq!(tcp_inuse("TCP: orphan 0\n", "TCP:"), None);
     }
 
     #[test]
-    fn own_netns_is_readable() {
-        // The test process's own namespace: the call must succeed either way.
-        netns_has_tcp(std::process::id()).unwrap();
+    fn own_netns_with_a_listener_has_tcp() {
+        // The test process's own namespace, with a listener of its own.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(netns_has_tcp(std::process::id()).unwrap());
+        drop(l);
     }
 
     #[test]
