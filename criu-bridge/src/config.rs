@@ -126,7 +126,9 @@ pub fn netns_has_tcp(pid: u32) -> std::io::Result<bool> {
 /// The `inuse` count of the `key` line (`TCP:` or `TCP6:`) of a sockstat
 /// file.
 fn tcp_inuse(text: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.split_whitespace().next() == Some(key))?;
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(key))?;
     let mut words = line.split_whitespace().skip(1);
     while let Some(w) = words.next() {
         if w == "inuse" {

@@ -18,20 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ARGS: [&str; 12] = [
-    "--create",
-    "--gzip",
-    "--no-unquote",
-    "--no-wildcards",
-    "--one-file-system",
-    "--check-links",
-    "--preserve-permissions",
-    "--sparse",
-    "--numeric-owner",
-    "--directory",
-    "/proc/self/fd/0",
-    ".",
-];
+use ms2m_criu_tar::CRIU_CREATE_ARGV as ARGS;
 
 fn main() {
     let mut args = std::env::args().skip(1);

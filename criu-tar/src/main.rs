@@ -31,8 +31,6 @@
 //! Set `MS2M_CRIU_TAR_TRACE=1` to get one line on stderr saying whether the
 //! fast path was taken or why the real tar was used instead.
 
-mod archive;
-
 use std::env;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
@@ -46,6 +44,7 @@ use std::process::{Command, ExitCode};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use ms2m_criu_tar::{archive, CRIU_CREATE_FLAGS};
 
 const PROG: &str = "ms2m-criu-tar";
 const TRACE_ENV: &str = "MS2M_CRIU_TAR_TRACE";
@@ -54,19 +53,6 @@ const TRACE_ENV: &str = "MS2M_CRIU_TAR_TRACE";
 /// tar instead of searching PATH again (two copies could exec each other
 /// forever).
 const REEXEC_ENV: &str = "MS2M_CRIU_TAR_REEXEC";
-
-/// The flags of CRIU's tmpfs dump command; all must be present.
-const CREATE_FLAGS: [&str; 9] = [
-    "--create",
-    "--gzip",
-    "--no-unquote",
-    "--no-wildcards",
-    "--one-file-system",
-    "--check-links",
-    "--preserve-permissions",
-    "--sparse",
-    "--numeric-owner",
-];
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = env::args_os().collect();
@@ -107,13 +93,13 @@ fn main() -> ExitCode {
 /// If `args` (without argv[0]) is exactly CRIU's tmpfs dump command, the
 /// directory to archive.
 fn parse_create(args: &[OsString]) -> Option<PathBuf> {
-    let mut seen = [false; CREATE_FLAGS.len()];
+    let mut seen = [false; CRIU_CREATE_FLAGS.len()];
     let mut dir: Option<&OsStr> = None;
     let mut member = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let bytes = arg.as_bytes();
-        if let Some(i) = CREATE_FLAGS.iter().position(|f| f.as_bytes() == bytes) {
+        if let Some(i) = CRIU_CREATE_FLAGS.iter().position(|f| f.as_bytes() == bytes) {
             seen[i] = true;
             continue;
         }
@@ -221,20 +207,7 @@ mod tests {
         list.iter().map(OsString::from).collect()
     }
 
-    const CRIU: [&str; 12] = [
-        "--create",
-        "--gzip",
-        "--no-unquote",
-        "--no-wildcards",
-        "--one-file-system",
-        "--check-links",
-        "--preserve-permissions",
-        "--sparse",
-        "--numeric-owner",
-        "--directory",
-        "/proc/self/fd/0",
-        ".",
-    ];
+    const CRIU: [&str; 12] = ms2m_criu_tar::CRIU_CREATE_ARGV;
 
     fn criu() -> Vec<&'static str> {
         CRIU.to_vec()

@@ -22,20 +22,7 @@ const GNU_TAR: &str = "/usr/bin/tar";
 const TRACE: &str = "MS2M_CRIU_TAR_TRACE";
 
 /// The argv CRIU 4.2.1 passes (after argv[0] = "tar").
-const CRIU_CREATE: [&str; 12] = [
-    "--create",
-    "--gzip",
-    "--no-unquote",
-    "--no-wildcards",
-    "--one-file-system",
-    "--check-links",
-    "--preserve-permissions",
-    "--sparse",
-    "--numeric-owner",
-    "--directory",
-    "/proc/self/fd/0",
-    ".",
-];
+use ms2m_criu_tar::CRIU_CREATE_ARGV as CRIU_CREATE;
 
 // ---------------------------------------------------------------------------
 // Fixtures.

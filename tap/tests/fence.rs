@@ -196,11 +196,12 @@ async fn suppression_with_confirms_one_by_one() {
     assert!(conn.status().connected());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn suppression_with_confirms_pipelined() {
-    // 6 publishes without waiting, then all confirms
+/// A tap suppressing 3, and `n` publishes on one confirm-mode channel sent
+/// without waiting, then every confirm awaited (each must be an ack): the
+/// tap and the queue, for the caller to check.
+async fn pipelined(name: &str, n: u32, wait: Duration) -> (Harness, String) {
     let h = start_suppressing(3);
-    let q = unique("suppress-pipelined");
+    let q = unique(name);
     let conn = connect(&h.url()).await;
     let ch = conn.create_channel().await.unwrap();
     declare_classic(&ch, &q).await;
@@ -208,11 +209,11 @@ async fn suppression_with_confirms_pipelined() {
         .await
         .unwrap();
     let mut pending = vec![];
-    for i in 1..=6u32 {
+    for i in 1..=n {
         pending.push(publish(&ch, &q, format!("{i}").as_bytes()).await);
     }
     for (i, c) in pending.into_iter().enumerate() {
-        let c = tokio::time::timeout(Duration::from_secs(5), c)
+        let c = tokio::time::timeout(wait, c)
             .await
             .unwrap_or_else(|_| panic!("no confirm for publish {}", i + 1))
             .unwrap();
@@ -222,34 +223,19 @@ async fn suppression_with_confirms_pipelined() {
             i + 1
         );
     }
+    (h, q)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppression_with_confirms_pipelined() {
+    // 6 publishes without waiting, then all confirms
+    let (h, q) = pipelined("suppress-pipelined", 6, Duration::from_secs(5)).await;
     let got = drain_direct(&q, 3).await;
     assert_eq!(strings(&got), numbered(4..=6));
     drop(h);
 
     // many more, so the broker confirms with multiple=true
-    let h = start_suppressing(3);
-    let q = unique("suppress-many");
-    let conn = connect(&h.url()).await;
-    let ch = conn.create_channel().await.unwrap();
-    declare_classic(&ch, &q).await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut pending = vec![];
-    for i in 1..=500u32 {
-        pending.push(publish(&ch, &q, format!("{i}").as_bytes()).await);
-    }
-    for (i, c) in pending.into_iter().enumerate() {
-        let c = tokio::time::timeout(Duration::from_secs(10), c)
-            .await
-            .unwrap_or_else(|_| panic!("no confirm for publish {}", i + 1))
-            .unwrap();
-        assert!(
-            matches!(c, Confirmation::Ack(None)),
-            "publish {}: {c:?}",
-            i + 1
-        );
-    }
+    let (h, q) = pipelined("suppress-many", 500, Duration::from_secs(10)).await;
     let st = h.tap.stats();
     assert_eq!((st.publishes, st.suppressed), (497, 3));
     eprintln!(

@@ -109,6 +109,31 @@ impl Raw {
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))
         ));
     }
+    /// channel.open on `ch`, answered.
+    fn open_channel(&mut self, ch: u16) {
+        self.method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(Default::default())),
+        );
+        assert!(matches!(
+            self.expect_method(),
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))
+        ));
+    }
+    /// queue.declare of `q` on `ch`, answered.
+    fn declare_queue(&mut self, ch: u16, q: &str) {
+        self.method(
+            ch,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: q.into(),
+                ..Default::default()
+            })),
+        );
+        assert!(matches!(
+            self.expect_method(),
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+        ));
+    }
 }
 
 #[test]
@@ -117,25 +142,8 @@ fn frames_split_one_byte_at_a_time() {
     let q = unique("split");
     let mut c = Raw::new(h.addr, true);
     c.handshake();
-    c.method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Open(Default::default())),
-    );
-    assert!(matches!(
-        c.expect_method(),
-        AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))
-    ));
-    c.method(
-        1,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: q.as_str().into(),
-            ..Default::default()
-        })),
-    );
-    assert!(matches!(
-        c.expect_method(),
-        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
-    ));
+    c.open_channel(1);
+    c.declare_queue(1, &q);
     // publish: method + header + body, each written one byte at a time
     c.method(
         1,
@@ -444,26 +452,9 @@ fn suppressed_publishes_interleaved_across_channels() {
     let mut c = Raw::new(h.addr, false);
     c.handshake();
     for ch in [1, 2] {
-        c.method(
-            ch,
-            AMQPClass::Channel(channel::AMQPMethod::Open(Default::default())),
-        );
-        assert!(matches!(
-            c.expect_method(),
-            AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))
-        ));
+        c.open_channel(ch);
     }
-    c.method(
-        1,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: q.as_str().into(),
-            ..Default::default()
-        })),
-    );
-    assert!(matches!(
-        c.expect_method(),
-        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
-    ));
+    c.declare_queue(1, &q);
     c.method(
         1,
         AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(
