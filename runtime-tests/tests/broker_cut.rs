@@ -448,6 +448,77 @@ fn pika_stream_fence_kill_restore_publishes_nothing_twice() {
     leave_running_fence_kill_restore(Client::Pika, "pika-fence");
 }
 
+/// The fence's refusals and its lifetime: with the consumer SIGSTOPped (it
+/// cannot ack what it holds) the fence is refused after its quiesce bound
+/// and its hold released; a fence without `--kill` is voided (its file
+/// removed) by a later checkpoint, which releases the hold; the newest
+/// checkpoint fenced with `--kill` and restored is exact.
+#[test]
+fn fence_refused_when_unsettled_and_voided_by_a_later_checkpoint() {
+    env();
+    rabbitmq_available();
+    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
+    let td = TestDir::new("bc-fence-life");
+    let q = TestQueues::new("bc-fence-life", QueueKind::Stream);
+    let name = "lapin-fence-life";
+    let c = start_consumer(
+        Client::Lapin,
+        &q,
+        &td,
+        name,
+        &["--annotation=io.ms2m.tap.quiesce-timeout-ms=300".to_string()],
+    );
+    const N: u64 = 1500;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer_count(&c, 100, Duration::from_secs(20));
+    let (first, second) = (td.join("ck1"), td.join("ck2"));
+    ms2m(&["checkpoint", "--image-path", path_str(&first), &c.id]).ok();
+
+    // Stopped, the app cannot settle what the tap hands it.
+    let pid = c.pid().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status();
+    assert!(
+        stop.map(|s| s.success()).unwrap_or(false),
+        "kill -STOP {pid}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let out = ms2m(&["fence", "--kill", "--image-path", path_str(&first), &c.id]);
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    assert!(
+        cont.map(|s| s.success()).unwrap_or(false),
+        "kill -CONT {pid}"
+    );
+    assert!(!out.success(), "fence of a stopped app worked: {out}");
+    assert!(out.stderr.contains("did not settle"), "{out}");
+    assert!(!first.join("ms2m-fence.json").exists());
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    // The hold was released: the consumer goes on.
+    let n = consumer_state(&c).map(|s| s.count).unwrap_or(0);
+    wait_consumer_count(&c, n + 30, Duration::from_secs(10));
+
+    // A fence without --kill, then a later checkpoint: the fence is void.
+    ms2m(&["fence", "--image-path", path_str(&first), &c.id]).ok();
+    assert!(first.join("ms2m-fence.json").exists());
+    ms2m(&["checkpoint", "--image-path", path_str(&second), &c.id]).ok();
+    assert!(
+        !first.join("ms2m-fence.json").exists(),
+        "a checkpoint after the fence must remove it"
+    );
+    let n = consumer_state(&c).map(|s| s.count).unwrap_or(0);
+    wait_consumer_count(&c, n + 30, Duration::from_secs(10));
+
+    ms2m(&["fence", "--kill", "--image-path", path_str(&second), &c.id]).ok();
+    let out = ms2m(&["restore", &c.id, path_str(&second)]);
+    assert!(out.success(), "ms2m restore: {out}");
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}
+
 /// A fence for a classic-queue consumer is refused before anything is held
 /// (a classic queue cannot replay what the source acked after the cut),
 /// and the consumer goes on processing.

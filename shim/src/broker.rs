@@ -146,11 +146,16 @@ pub fn resume_of(manifest: &Manifest, cut: Option<Cut>, images: &Path) -> Result
 /// The fence of a leave-running checkpoint's source (`ms2m fence`): holds
 /// the tap's deliveries, waits (bounded) for the app's acks, and writes
 /// into `images` how many publishes the source made since the cut of the
-/// checkpoint there, which a restore of it then suppresses. Deliveries
-/// stay held: the source is to be stopped next. When `images` does not
-/// hold this tap's last cut, the tap is released again and nothing is
-/// written.
-pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Result<Fence> {
+/// checkpoint there, which a restore of it then suppresses; returns the
+/// fence file. Deliveries stay held: the source is to be stopped next.
+///
+/// Refused, with nothing held that was not held before, when `images` is
+/// not a checkpoint of this container with this tap's last cut, when the
+/// container consumes a classic queue, or when the quiesce does not
+/// complete (the app may then still publish results the fence would not
+/// count). The caller holds the container's operation lock, so no
+/// checkpoint moves the cut or releases the hold meanwhile.
+pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Result<PathBuf> {
     let what = format!(
         "fence of container {id} for the checkpoint in {}",
         images.display()
@@ -164,6 +169,14 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
         return Err(Error::InvalidArgument(format!(
             "{what}: the checkpoint is of container {}",
             manifest.container_id
+        )));
+    }
+    let last = tap.last_cut_at_unix_ms();
+    if last != Some(cut.captured_at_unix_ms) {
+        return Err(Error::FailedPrecondition(format!(
+            "{what}: that checkpoint's cut (taken at {} ms) is not the tap's last cut ({last:?}); \
+             fence the newest leave-running checkpoint (the container keeps running)",
+            cut.captured_at_unix_ms
         )));
     }
     // A restore replays from the cut only on streams: what the source
@@ -183,32 +196,51 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
              checkpoint to move a classic-queue consumer). The container keeps running."
         )));
     }
+    let was_holding = tap.holding();
+    let undo = || async {
+        if !was_holding {
+            tap.release().await;
+        }
+    };
     let fence = tap.fence(config.quiesce_timeout).await;
-    if !fence.belongs_to(&cut) {
-        tap.release().await;
+    if !fence.quiesce.complete {
+        undo().await;
         return Err(Error::FailedPrecondition(format!(
-            "{what}: that checkpoint's cut (taken at {} ms) is not the tap's last cut ({:?}); \
-             fence the newest leave-running checkpoint (the container keeps running)",
-            cut.captured_at_unix_ms, fence.cut_taken_at_unix_ms
+            "{what}: the app did not settle its deliveries within {} ms ({} unsettled), so it \
+             could still publish results the fence would not count; nothing was written and \
+             the container keeps running (retry, or move it with an exit checkpoint)",
+            fence.quiesce.timeout_ms, fence.quiesce.unsettled
         )));
     }
-    let body =
-        serde_json::to_vec_pretty(&fence).map_err(|e| Error::internal("encode the fence", e))?;
-    let tmp = images.join(format!(".{FENCE_FILE}.tmp"));
-    let written =
-        std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, images.join(FENCE_FILE)));
+    let file = images.join(FENCE_FILE);
+    let written = serde_json::to_vec_pretty(&fence)
+        .map_err(std::io::Error::other)
+        .and_then(|body| write_atomically(&file, &body));
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        tap.release().await;
-        return Err(Error::internal(format!("{what}: write {FENCE_FILE}"), e));
+        undo().await;
+        return Err(Error::internal(
+            format!("{what}: write {}", file.display()),
+            e,
+        ));
     }
     tracing::info!(
         id,
         publishes_after_cut = fence.publishes_after_cut,
-        quiesce_complete = fence.quiesce.complete,
+        file = %file.display(),
         "fenced: deliveries held, the source may be stopped"
     );
-    Ok(fence)
+    Ok(file)
+}
+
+/// Writes `body` to `path` through a temporary file beside it and a rename;
+/// the temporary file does not survive a failure.
+fn write_atomically(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let r = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// Whether the upstream broker accepts TCP connections (bounded wait).

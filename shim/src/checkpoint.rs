@@ -334,6 +334,20 @@ pub async fn checkpoint(
     );
     std::fs::create_dir_all(image_path)
         .map_err(|e| Error::internal(format!("{what} failed: cannot create image directory"), e))?;
+    // A fence left in the directory by an earlier checkpoint belongs to
+    // that one's cut, not to this one.
+    match std::fs::remove_file(image_path.join(criu_bridge::manifest::FENCE_FILE)) {
+        Ok(()) => {
+            tracing::info!(id = %id, "removed the fence of an earlier checkpoint in the image directory")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::internal(
+                format!("{what} failed: cannot remove the earlier fence in the image directory"),
+                e,
+            ))
+        }
+    }
     let (work_path, temp_work) = if opts.work_path.is_empty() {
         (target.bundle.join("criu-work"), true)
     } else {
@@ -390,6 +404,11 @@ pub async fn checkpoint(
                 // pause it again: its state then advances only by work on
                 // messages it already had, which the cut accounts for.
                 Some(quiesce_paused(target, tap, tc.quiesce_timeout).await?)
+            } else if target.was_paused {
+                // Nothing to settle: hold from now on, so that nothing is
+                // handed to the paused app while CRIU starts (it could not
+                // ack it at pre-dump).
+                Some(tap.quiesce(tc.quiesce_timeout).await)
             } else {
                 None
             };

@@ -74,6 +74,10 @@ pub struct Container {
     pub tap_config: Option<ms2m_tap::TapConfig>,
     /// The running AMQP tap.
     pub tap: Option<ms2m_tap::Tap>,
+    /// The fence file `ms2m fence` wrote for this container's newest
+    /// leave-running checkpoint; a later checkpoint removes it (it releases
+    /// the hold, so the source publishes past what the fence counted).
+    pub fence_file: Option<std::path::PathBuf>,
 }
 
 impl Container {
@@ -325,6 +329,7 @@ async fn create_in_bundle(
         lazy: None,
         tap_config: None,
         tap: None,
+        fence_file: None,
     })
 }
 

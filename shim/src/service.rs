@@ -851,6 +851,19 @@ impl Inner {
                 tap: c.tap.clone().zip(c.tap_config.clone()),
             }
         };
+        // A checkpoint releases the tap's hold: the source then publishes
+        // past what an earlier fence counted, so that fence must not be
+        // restored from any more.
+        let stale = self.state.lock().await.get_mut(&req.id)?.fence_file.take();
+        if let Some(f) = stale {
+            match std::fs::remove_file(&f) {
+                Ok(()) => tracing::warn!(id = %req.id, fence = %f.display(),
+                    "checkpoint of a fenced container: its fence is void and was removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(id = %req.id, fence = %f.display(),
+                    "checkpoint of a fenced container: cannot remove its now void fence: {e}"),
+            }
+        }
         let manifest = checkpoint::checkpoint(&target, Path::new(&image_path), &opts).await?;
         tracing::info!(
             id = %req.id,
@@ -923,6 +936,9 @@ impl Inner {
             serde_json::from_slice(body).map_err(|e| {
                 Error::InvalidArgument(format!("fence of container {id}: bad request: {e}"))
             })?;
+        // No checkpoint may move the cut or release the hold meanwhile.
+        let op = self.op_lock(id).await?;
+        let _op = op.lock().await;
         let (tap, config) = {
             let st = self.state.lock().await;
             let c = st.get(id)?;
@@ -936,9 +952,11 @@ impl Inner {
                 }
             }
         };
-        crate::broker::fence(id, &tap, &config, Path::new(&req.image_path))
-            .await
-            .map(|_| ())
+        let file = crate::broker::fence(id, &tap, &config, Path::new(&req.image_path)).await?;
+        if let Ok(c) = self.state.lock().await.get_mut(id) {
+            c.fence_file = Some(file);
+        }
+        Ok(())
     }
 
     async fn close_io(&self, req: api::CloseIORequest) -> Result<()> {

@@ -294,6 +294,18 @@ impl Tap {
         }
     }
 
+    /// When this tap last captured a cut ([`Cut::captured_at_unix_ms`]), if
+    /// ever: a fence can only close that cut.
+    pub fn last_cut_at_unix_ms(&self) -> Option<u64> {
+        *self.shared.last_cut()
+    }
+
+    /// Whether new deliveries are held now (by a quiesce or a fence not yet
+    /// released).
+    pub fn holding(&self) -> bool {
+        *self.shared.mode.borrow() == Mode::Hold
+    }
+
     /// basic.publish commands forwarded upstream (all connections and
     /// channels; suppressed ones not included) since the last
     /// [`Tap::capture_cut`]; 0 before any cut.
