@@ -44,6 +44,18 @@
 //! The synthetic acks are written to the app before any broker frame read
 //! after them, so a single synthetic ack never follows a multiple ack that
 //! covers it (lapin treats a single ack of an unknown tag as an error).
+//!
+//! # Not inside the broker's content
+//!
+//! A synthetic ack must not land between a content-bearing method from the
+//! broker (basic.deliver, basic.get-ok, basic.return) and the end of its
+//! content on the same channel: AMQP forbids any other frame there and
+//! clients drop the connection. `ContentGate` follows the broker's content
+//! per channel and defers the tap's frames for a channel that is inside one
+//! until its last content frame has been passed on. The ordering rule above
+//! still holds: the broker cannot send a confirm on that channel before the
+//! content is complete either, and the deferred frames go right after the
+//! completing frame.
 
 use amq_protocol::protocol::{basic, AMQPClass};
 use serde::{Deserialize, Serialize};
@@ -238,6 +250,124 @@ pub(crate) fn synthetic_ack(tag: u64) -> AMQPClass {
     }))
 }
 
+/// Where the broker's content on one channel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// A content-bearing method was seen; its header is due.
+    AwaitHeader,
+    /// This many body bytes are still due (never 0).
+    Body(u64),
+}
+
+/// The broker's content stream per channel (broker → client), and the
+/// tap's own frames deferred while a channel is inside a content
+/// (see [the module docs](self#not-inside-the-brokers-content)).
+///
+/// Fed every broker frame in order ([`ContentGate::feed`]); the tap's frames
+/// are offered before they are written ([`ContentGate::offer`]). Only the
+/// frame type, channel, method ids and a header's body size are read.
+#[derive(Debug)]
+pub(crate) struct ContentGate<T> {
+    state: std::collections::HashMap<u16, Content>,
+    deferred: std::collections::HashMap<u16, Vec<T>>,
+}
+
+impl<T> Default for ContentGate<T> {
+    fn default() -> Self {
+        ContentGate {
+            state: Default::default(),
+            deferred: Default::default(),
+        }
+    }
+}
+
+impl<T> ContentGate<T> {
+    /// True while channel `ch` is between a content-bearing method and the
+    /// end of its content.
+    pub fn mid_content(&self, ch: u16) -> bool {
+        self.state.contains_key(&ch)
+    }
+
+    /// A frame of the tap's own for channel `ch`: given back when it can be
+    /// written now, else kept until the channel's content is complete (then
+    /// [`ContentGate::feed`] returns it, in offer order).
+    pub fn offer(&mut self, ch: u16, frame: T) -> Option<T> {
+        if self.mid_content(ch) {
+            self.deferred.entry(ch).or_default().push(frame);
+            None
+        } else {
+            Some(frame)
+        }
+    }
+
+    /// Feed the next broker frame (`kind` the frame type octet, `payload`
+    /// its payload). Returns the deferred frames of `ch` that are due right
+    /// after this frame (it completed a content), in offer order; usually
+    /// none. A channel.close or close-ok drops the channel's state and its
+    /// deferred frames.
+    pub fn feed(&mut self, ch: u16, kind: u8, payload: &[u8]) -> Vec<T> {
+        use crate::codec::{FRAME_BODY, FRAME_HEADER, FRAME_METHOD};
+        let complete = match (kind, self.state.get(&ch).copied()) {
+            (FRAME_METHOD, _) => {
+                let ids = payload.get(..4).map(|b| {
+                    (
+                        u16::from_be_bytes([b[0], b[1]]),
+                        u16::from_be_bytes([b[2], b[3]]),
+                    )
+                });
+                match ids {
+                    // basic.return, basic.deliver, basic.get-ok
+                    Some((60, 50 | 60 | 71)) => {
+                        self.state.insert(ch, Content::AwaitHeader);
+                        false
+                    }
+                    // channel.close, channel.close-ok
+                    Some((20, 40 | 41)) => {
+                        self.state.remove(&ch);
+                        self.deferred.remove(&ch);
+                        false
+                    }
+                    // Any other method ends a content (only a broker
+                    // breaking the protocol sends one inside a content).
+                    _ => self.state.remove(&ch).is_some(),
+                }
+            }
+            (FRAME_HEADER, Some(Content::AwaitHeader)) => {
+                let size = payload
+                    .get(4..12)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if size == 0 {
+                    self.state.remove(&ch);
+                    true
+                } else {
+                    self.state.insert(ch, Content::Body(size));
+                    false
+                }
+            }
+            (FRAME_BODY, Some(Content::Body(left))) => {
+                let left = left.saturating_sub(payload.len() as u64);
+                if left == 0 {
+                    self.state.remove(&ch);
+                    true
+                } else {
+                    self.state.insert(ch, Content::Body(left));
+                    false
+                }
+            }
+            // A header or body outside a content (or a second header):
+            // not the gate's business.
+            _ => false,
+        };
+        if complete {
+            self.deferred.remove(&ch).unwrap_or_default()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +400,119 @@ mod tests {
         d.feed(FRAME_HEADER, &header(2)).unwrap();
         assert!(d.feed(FRAME_BODY, &[0; 3]).is_err());
         assert!(d.feed(FRAME_HEADER, &header(2)).is_err());
+    }
+
+    fn method(class: u16, id: u16) -> Vec<u8> {
+        let mut p = class.to_be_bytes().to_vec();
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p
+    }
+
+    const DELIVER: (u16, u16) = (60, 60);
+    const GET_OK: (u16, u16) = (60, 71);
+    const RETURN: (u16, u16) = (60, 50);
+
+    #[test]
+    fn gate_deliver_with_empty_body_completes_at_the_header() {
+        let mut g = ContentGate::default();
+        assert_eq!(g.offer(1, "before"), Some("before"));
+        assert!(g
+            .feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1))
+            .is_empty());
+        assert!(g.mid_content(1));
+        assert_eq!(g.offer(1, "a"), None);
+        assert_eq!(g.offer(1, "b"), None);
+        assert_eq!(g.feed(1, FRAME_HEADER, &header(0)), vec!["a", "b"]);
+        assert!(!g.mid_content(1));
+        assert_eq!(g.offer(1, "after"), Some("after"));
+    }
+
+    #[test]
+    fn gate_header_and_bodies_summing_to_the_size_complete() {
+        for (class, id) in [DELIVER, GET_OK, RETURN] {
+            let mut g = ContentGate::default();
+            assert!(g.feed(3, FRAME_METHOD, &method(class, id)).is_empty());
+            assert_eq!(g.offer(3, 1), None);
+            assert!(g.feed(3, FRAME_HEADER, &header(10)).is_empty());
+            assert_eq!(g.offer(3, 2), None);
+            assert!(g.feed(3, FRAME_BODY, &[0; 4]).is_empty());
+            assert!(g.mid_content(3));
+            assert!(g.feed(3, FRAME_BODY, &[0; 5]).is_empty());
+            assert_eq!(g.offer(3, 3), None);
+            assert_eq!(g.feed(3, FRAME_BODY, &[0; 1]), vec![1, 2, 3]);
+            assert!(!g.mid_content(3));
+            // nothing left deferred
+            assert!(g.feed(3, FRAME_METHOD, &method(60, 80)).is_empty());
+        }
+    }
+
+    #[test]
+    fn gate_channels_are_independent() {
+        let mut g = ContentGate::default();
+        g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        assert_eq!(g.offer(1, "one"), None);
+        assert_eq!(g.offer(2, "two"), Some("two"));
+        // another channel's content does not move channel 1's
+        g.feed(2, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        assert!(g.feed(2, FRAME_HEADER, &header(0)).is_empty());
+        assert!(g.feed(0, FRAME_METHOD, &method(10, 50)).is_empty());
+        assert!(g.feed(2, FRAME_BODY, &[0; 3]).is_empty());
+        assert!(g.mid_content(1) && !g.mid_content(2));
+        assert!(g.feed(1, FRAME_HEADER, &header(2)).is_empty());
+        g.feed(2, FRAME_METHOD, &method(GET_OK.0, GET_OK.1));
+        assert!(g.feed(2, FRAME_HEADER, &header(5)).is_empty());
+        assert_eq!(g.feed(1, FRAME_BODY, &[0; 2]), vec!["one"]);
+        assert!(g.mid_content(2));
+    }
+
+    #[test]
+    fn gate_ignores_content_frames_outside_a_content() {
+        let mut g = ContentGate::default();
+        // a header without a content method before it
+        assert!(g.feed(1, FRAME_HEADER, &header(10)).is_empty());
+        assert!(!g.mid_content(1));
+        assert!(g.feed(1, FRAME_BODY, &[0; 10]).is_empty());
+        assert_eq!(g.offer(1, 7), Some(7));
+        // a second header inside a body does not restart it
+        g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        g.feed(1, FRAME_HEADER, &header(4));
+        g.feed(1, FRAME_HEADER, &header(100));
+        assert_eq!(g.offer(1, 8), None);
+        assert_eq!(g.feed(1, FRAME_BODY, &[0; 4]), vec![8]);
+        // heartbeats change nothing
+        g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        g.feed(0, crate::codec::FRAME_HEARTBEAT, &[]);
+        assert!(g.mid_content(1));
+    }
+
+    #[test]
+    fn gate_channel_close_drops_state_and_deferred() {
+        for close in [40, 41] {
+            let mut g = ContentGate::default();
+            g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+            g.feed(1, FRAME_HEADER, &header(10));
+            assert_eq!(g.offer(1, "lost"), None);
+            assert!(g.feed(1, FRAME_METHOD, &method(20, close)).is_empty());
+            assert!(!g.mid_content(1));
+            // a new content on the reopened channel releases nothing old
+            g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+            assert!(g.feed(1, FRAME_HEADER, &header(0)).is_empty());
+        }
+    }
+
+    #[test]
+    fn gate_method_inside_a_content_ends_it() {
+        let mut g = ContentGate::default();
+        g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        g.feed(1, FRAME_HEADER, &header(10));
+        assert_eq!(g.offer(1, 1), None);
+        assert_eq!(g.feed(1, FRAME_METHOD, &method(60, 80)), vec![1]);
+        assert!(!g.mid_content(1));
+        // a short header completes rather than wedging the channel
+        g.feed(1, FRAME_METHOD, &method(DELIVER.0, DELIVER.1));
+        assert_eq!(g.offer(1, 2), None);
+        assert_eq!(g.feed(1, FRAME_HEADER, &[0, 60]), vec![2]);
     }
 
     #[test]

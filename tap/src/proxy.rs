@@ -10,7 +10,8 @@
 //! publish's frames are not forwarded; the acks the tap owes the app for
 //! dropped confirm-mode publishes go from the client direction to the broker
 //! direction over a channel ([`Injected`]), and broker confirms are shifted
-//! there.
+//! there. An injected frame for a channel inside the content of a broker
+//! delivery waits until that content is complete ([`ContentGate`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::codec::{self, CodecError, FrameReader, FRAME_HEADER, FRAME_METHOD};
 use crate::control::{Mode, Shared};
-use crate::fence::{self, ContentDrop, DropStep};
+use crate::fence::{self, ContentDrop, ContentGate, DropStep};
 use crate::ledger::{header_fields, Delivery};
 
 /// A frame the tap itself sends the client (channel, encoded frame).
@@ -257,6 +258,22 @@ impl Drop for BatchGuard<'_> {
     }
 }
 
+/// Puts a frame bound for the client on channel `ch` in its place: the held
+/// list when the channel is held, else `out`.
+fn place(
+    ch: u16,
+    bytes: Vec<u8>,
+    held_channels: &HashSet<u16>,
+    held: &mut Vec<(u16, Vec<u8>)>,
+    out: &mut Vec<u8>,
+) {
+    if held_channels.contains(&ch) {
+        held.push((ch, bytes));
+    } else {
+        out.extend_from_slice(&bytes);
+    }
+}
+
 /// Delivery waiting for its content header.
 struct PendingHeader {
     tag: u64,
@@ -429,6 +446,9 @@ impl Pair<'_> {
         };
         let mut held_channels: HashSet<u16> = HashSet::new();
         let mut pending: HashMap<u16, PendingHeader> = HashMap::new();
+        // The broker's content per channel; holds back injected frames for
+        // a channel inside a delivery's content.
+        let mut gate: ContentGate<Vec<u8>> = ContentGate::default();
         let mut handshake = false;
         mode.borrow_and_update();
         loop {
@@ -459,16 +479,15 @@ impl Pair<'_> {
             {
                 Wake::Inject((ch, bytes)) => {
                     // A frame of the tap's own (an ack for a suppressed
-                    // publish): in order with its channel's held frames.
+                    // publish): in order with its channel's held frames, and
+                    // not inside the content of a delivery on its channel.
                     let mut frames = vec![(ch, bytes)];
                     while let Ok(f) = inject.try_recv() {
                         frames.push(f);
                     }
                     for (ch, bytes) in frames {
-                        if held_channels.contains(&ch) {
-                            held.push((ch, bytes));
-                        } else {
-                            out.extend_from_slice(&bytes);
+                        if let Some(bytes) = gate.offer(ch, bytes) {
+                            place(ch, bytes, &held_channels, &mut held, &mut out);
                         }
                     }
                     if !out.is_empty() {
@@ -521,12 +540,12 @@ impl Pair<'_> {
             let holding = *mode.borrow() == Mode::Hold;
             // Frames the tap injected before these broker frames were read
             // go first: an ack for a suppressed publish must precede any
-            // broker confirm (a multiple one could cover it).
+            // broker confirm (a multiple one could cover it). One for a
+            // channel inside a delivery's content goes right after the
+            // content's last frame instead (no confirm can come before it).
             while let Ok((ch, bytes)) = inject.try_recv() {
-                if held_channels.contains(&ch) {
-                    held.push((ch, bytes));
-                } else {
-                    out.extend_from_slice(&bytes);
+                if let Some(bytes) = gate.offer(ch, bytes) {
+                    place(ch, bytes, &held_channels, &mut held, &mut out);
                 }
             }
             while let Some(f) = reader
@@ -535,6 +554,9 @@ impl Pair<'_> {
             {
                 frames += 1;
                 let ch = f.channel;
+                // Injected frames due after this one (it completed a
+                // content on `ch`).
+                let released = gate.feed(ch, f.kind, &reader.buffered()[f.payload_range()]);
                 let mut hold_this = ch != 0 && held_channels.contains(&ch);
                 // A rewritten frame replacing this one (shifted confirm).
                 let mut replacement: Option<Vec<u8>> = None;
@@ -653,6 +675,9 @@ impl Pair<'_> {
                     held.push((ch, bytes.to_vec()));
                 } else {
                     out.extend_from_slice(bytes);
+                }
+                for b in released {
+                    place(ch, b, &held_channels, &mut held, &mut out);
                 }
             }
             drop(_batch);

@@ -544,3 +544,188 @@ fn suppressed_publishes_interleaved_across_channels() {
         AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))
     ));
 }
+
+/// Body of the `i`th large message of
+/// [`injected_acks_wait_for_the_end_of_a_delivery`].
+fn big_body(i: usize, size: usize) -> Vec<u8> {
+    (0..size).map(|k| ((k * 7 + i * 13) % 251) as u8).collect()
+}
+
+/// A publish of `body` to `q` on `ch`: method, header and body frames of at
+/// most 4000 bytes (below any frame_max).
+fn publish_frames(ch: u16, q: &str, body: &[u8]) -> Vec<u8> {
+    let parts: Vec<&[u8]> = body.chunks(4000).collect();
+    let (header, bodies) = content_frames(ch, &parts);
+    let mut bytes = publish_method(ch, q);
+    bytes.extend(header);
+    bytes.extend(bodies.concat());
+    bytes
+}
+
+/// A client consuming and publishing with confirms on ONE channel right
+/// after a restore: the acks the tap injects for its suppressed publishes
+/// never land inside the content of a delivery on that channel (AMQP
+/// forbids any frame between a basic.deliver and the end of its content;
+/// clients drop the connection), and all of them arrive, as do the
+/// deliveries.
+#[test]
+fn injected_acks_wait_for_the_end_of_a_delivery() {
+    require_broker();
+    const ROUNDS: usize = 5;
+    const MESSAGES: usize = 3;
+    const SIZE: usize = 300 * 1024;
+    const DROPPED: u64 = 5;
+    let broker: SocketAddr = "127.0.0.1:5672".parse().unwrap();
+    let bodies: Vec<Vec<u8>> = (0..MESSAGES).map(|i| big_body(i, SIZE)).collect();
+    for round in 0..ROUNDS {
+        // the queue, pre-filled directly at the broker
+        let q = unique("raw-gate");
+        let mut b = Raw::new(broker, false);
+        b.handshake();
+        b.open_channel(1);
+        b.declare_queue(1, &q);
+        b.method(
+            1,
+            AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(
+                amq_protocol::protocol::confirm::Select { nowait: false },
+            )),
+        );
+        assert!(matches!(
+            b.expect_method(),
+            AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(_))
+        ));
+        for body in &bodies {
+            b.send(&publish_frames(1, &q, body));
+        }
+        loop {
+            match b.expect_method() {
+                AMQPClass::Basic(basic::AMQPMethod::Ack(a))
+                    if a.delivery_tag == MESSAGES as u64 =>
+                {
+                    break
+                }
+                AMQPClass::Basic(basic::AMQPMethod::Ack(_)) => {}
+                m => panic!("pre-fill: unexpected {m:?}"),
+            }
+        }
+
+        let h = start_tap_resume(
+            TapConfig::new(BROKER).unwrap(),
+            ms2m_tap::Resume {
+                cut: None,
+                suppress_publishes: DROPPED,
+            },
+        );
+        let mut c = Raw::new(h.addr, false);
+        c.handshake();
+        c.open_channel(1);
+        c.method(
+            1,
+            AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::Select(
+                amq_protocol::protocol::confirm::Select { nowait: false },
+            )),
+        );
+        assert!(matches!(
+            c.expect_method(),
+            AMQPClass::Confirm(amq_protocol::protocol::confirm::AMQPMethod::SelectOk(_))
+        ));
+        c.method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: q.as_str().into(),
+                consumer_tag: "gate".into(),
+                no_ack: true,
+                ..Default::default()
+            })),
+        );
+        assert!(matches!(
+            c.expect_method(),
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+        ));
+
+        // Read the channel frame by frame, checking it is well-formed; while
+        // a delivery streams in, send the publishes the tap drops (and acks).
+        enum In {
+            Idle,
+            Header,
+            Body(u64),
+        }
+        let mut state = In::Idle;
+        let mut got: Vec<Vec<u8>> = vec![];
+        let mut cur: Vec<u8> = vec![];
+        let mut acks: Vec<u64> = vec![];
+        let mut sent = 0u64;
+        let mut frames = 0usize;
+        while got.len() < MESSAGES || acks.len() < DROPPED as usize {
+            if sent < DROPPED && (!matches!(state, In::Idle) || got.len() == MESSAGES) {
+                c.send(&publish_frames(1, &q, b"dropped"));
+                sent += 1;
+                // let the tap inject its ack while the delivery is in flight
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let (kind, ch, payload) = c.frame();
+            frames += 1;
+            assert_eq!(ch, 1, "round {round}: frame type {kind} on channel {ch}");
+            match (kind, &mut state) {
+                (FRAME_METHOD, In::Idle) => {
+                    match amq_protocol::protocol::parse_class(payload.as_slice())
+                        .unwrap()
+                        .1
+                    {
+                        AMQPClass::Basic(basic::AMQPMethod::Deliver(_)) => state = In::Header,
+                        AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                            assert!(!a.multiple, "round {round}: {a:?}");
+                            acks.push(a.delivery_tag);
+                        }
+                        m => panic!("round {round}: unexpected {m:?}"),
+                    }
+                }
+                (FRAME_METHOD, _) => {
+                    let m = amq_protocol::protocol::parse_class(payload.as_slice()).map(|r| r.1);
+                    panic!(
+                        "round {round}: method frame {m:?} on channel 1 inside the content of \
+                         delivery {} (frame {frames}, {} body bytes in)",
+                        got.len() + 1,
+                        cur.len()
+                    );
+                }
+                (FRAME_HEADER, In::Header) => {
+                    let (_, hdr) = parse_content_header(payload.as_slice()).unwrap();
+                    assert_eq!(hdr.body_size, SIZE as u64, "round {round}");
+                    state = In::Body(hdr.body_size);
+                }
+                (FRAME_BODY, In::Body(left)) => {
+                    let n = payload.len() as u64;
+                    assert!(n <= *left, "round {round}: body overruns its header");
+                    cur.extend_from_slice(&payload);
+                    *left -= n;
+                    if *left == 0 {
+                        got.push(std::mem::take(&mut cur));
+                        state = In::Idle;
+                    }
+                }
+                _ => panic!("round {round}: frame type {kind} out of place (frame {frames})"),
+            }
+        }
+        assert_eq!(sent, DROPPED);
+        assert_eq!(acks, (1..=DROPPED).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(got.len(), MESSAGES, "round {round}");
+        for (i, body) in got.iter().enumerate() {
+            assert!(body == &bodies[i], "round {round}: delivery {i} damaged");
+        }
+        let st = h.tap.stats();
+        assert_eq!((st.publishes, st.suppressed), (0, DROPPED), "round {round}");
+        drop(c);
+        b.method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                queue: q.as_str().into(),
+                ..Default::default()
+            })),
+        );
+        assert!(matches!(
+            b.expect_method(),
+            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))
+        ));
+    }
+}
