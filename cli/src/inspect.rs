@@ -35,6 +35,9 @@ pub struct InspectReport {
     pub stats: Option<DumpStats>,
     /// `manifest` or the `stats-dump` file read.
     pub stats_source: Option<String>,
+    /// The publish fence beside the manifest (`ms2m-fence.json`, written by
+    /// `ms2m fence`), when there is one.
+    pub fence: Option<serde_json::Value>,
 }
 
 /// Runs `ms2m inspect`.
@@ -70,10 +73,20 @@ pub fn run(args: &InspectArgs) -> Result<InspectReport> {
             found
         }
     };
+    let fence_file = dir.join(criu_bridge::manifest::FENCE_FILE);
+    let fence = match std::fs::read_to_string(&fence_file) {
+        Ok(text) => Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", fence_file.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", fence_file.display())),
+    };
     Ok(InspectReport {
         image_path: dir.display().to_string(),
         manifest,
         stats,
         stats_source,
+        fence,
     })
 }

@@ -198,6 +198,14 @@ pub fn inspect_text(r: &InspectReport) -> String {
             }
         }
     }
+    if let Some(f) = &r.fence {
+        let _ = writeln!(
+            s,
+            "  fence:       {} publishes after the cut (taken {}); a restore suppresses them",
+            f["publishes_after_cut"],
+            f["taken_at"].as_str().unwrap_or("?")
+        );
+    }
     s
 }
 

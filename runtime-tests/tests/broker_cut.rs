@@ -417,6 +417,17 @@ fn leave_running_fence_kill_restore(client: Client, name: &str) {
         status.is_none() || status.as_deref() == Some("STOPPED"),
         "after fence --kill the task is {status:?}"
     );
+    // `ms2m inspect` shows the fence with the checkpoint.
+    let out = ms2m(&["inspect", "--json", path_str(&img)]).ok();
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m inspect --json` did not print JSON ({e}): {out}"));
+    assert_eq!(v["fence"], *fence, "{out}");
+    let out = ms2m(&["inspect", path_str(&img)]).ok();
+    assert!(
+        out.stdout
+            .contains(&format!("fence:       {after_cut} publishes after the cut")),
+        "{out}"
+    );
 
     let restored_log = td.join(&format!("{name}.restored.log"));
     let out = ms2m(&[
