@@ -274,6 +274,15 @@ fn place(
     }
 }
 
+/// A frame of the tap's own through the connection's gate, if it has one
+/// (see [`ContentGate::offer`]).
+fn offer(gate: &mut Option<ContentGate<Vec<u8>>>, ch: u16, bytes: Vec<u8>) -> Option<Vec<u8>> {
+    match gate {
+        Some(g) => g.offer(ch, bytes),
+        None => Some(bytes),
+    }
+}
+
 /// Delivery waiting for its content header.
 struct PendingHeader {
     tag: u64,
@@ -447,8 +456,11 @@ impl Pair<'_> {
         let mut held_channels: HashSet<u16> = HashSet::new();
         let mut pending: HashMap<u16, PendingHeader> = HashMap::new();
         // The broker's content per channel; holds back injected frames for
-        // a channel inside a delivery's content.
-        let mut gate: ContentGate<Vec<u8>> = ContentGate::default();
+        // a channel inside a delivery's content. Only a connection opened
+        // while publishes are still to be suppressed can ever get injected
+        // frames: the others skip the bookkeeping.
+        let mut gate: Option<ContentGate<Vec<u8>>> =
+            (self.shared.suppress_remaining.load(Ordering::SeqCst) > 0).then(ContentGate::default);
         let mut handshake = false;
         mode.borrow_and_update();
         loop {
@@ -486,7 +498,7 @@ impl Pair<'_> {
                         frames.push(f);
                     }
                     for (ch, bytes) in frames {
-                        if let Some(bytes) = gate.offer(ch, bytes) {
+                        if let Some(bytes) = offer(&mut gate, ch, bytes) {
                             place(ch, bytes, &held_channels, &mut held, &mut out);
                         }
                     }
@@ -544,7 +556,7 @@ impl Pair<'_> {
             // channel inside a delivery's content goes right after the
             // content's last frame instead (no confirm can come before it).
             while let Ok((ch, bytes)) = inject.try_recv() {
-                if let Some(bytes) = gate.offer(ch, bytes) {
+                if let Some(bytes) = offer(&mut gate, ch, bytes) {
                     place(ch, bytes, &held_channels, &mut held, &mut out);
                 }
             }
@@ -556,7 +568,10 @@ impl Pair<'_> {
                 let ch = f.channel;
                 // Injected frames due after this one (it completed a
                 // content on `ch`).
-                let released = gate.feed(ch, f.kind, &reader.buffered()[f.payload_range()]);
+                let released = match gate.as_mut() {
+                    Some(g) => g.feed(ch, f.kind, &reader.buffered()[f.payload_range()]),
+                    None => Vec::new(),
+                };
                 let mut hold_this = ch != 0 && held_channels.contains(&ch);
                 // A rewritten frame replacing this one (shifted confirm).
                 let mut replacement: Option<Vec<u8>> = None;
