@@ -105,6 +105,10 @@ pub struct Target {
     pub overrides: Overrides,
     /// The container's AMQP tap and its configuration, if it has one.
     pub tap: Option<(ms2m_tap::Tap, ms2m_tap::TapConfig)>,
+    /// The fence `ms2m fence` wrote for the container's previous
+    /// checkpoint: this checkpoint releases the tap's hold, so the source
+    /// publishes past what it counted, and it is removed.
+    pub void_fence: Option<PathBuf>,
 }
 
 /// How the dump is carried out.
@@ -317,6 +321,30 @@ pub async fn checkpoint(
             "checkpoint of container {id}: no image path given"
         )));
     }
+    // Fences that no longer hold: the one the container's previous
+    // checkpoint was fenced with (any checkpoint attempt may release the
+    // tap's hold), and one an earlier checkpoint left in this directory
+    // (it belongs to that one's cut, not to this one).
+    let fences = target
+        .void_fence
+        .iter()
+        .cloned()
+        .chain([image_path.join(criu_bridge::manifest::FENCE_FILE)]);
+    for f in fences {
+        match std::fs::remove_file(&f) {
+            Ok(()) => tracing::warn!(id = %id, fence = %f.display(), "void fence removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::internal(
+                    format!(
+                        "{what} failed: cannot remove the void fence {}",
+                        f.display()
+                    ),
+                    e,
+                ))
+            }
+        }
+    }
     let has_tcp = netns_has_tcp(target.init_pid as u32);
     let mut plan = plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
     if target.tap.is_some() {
@@ -334,20 +362,6 @@ pub async fn checkpoint(
     );
     std::fs::create_dir_all(image_path)
         .map_err(|e| Error::internal(format!("{what} failed: cannot create image directory"), e))?;
-    // A fence left in the directory by an earlier checkpoint belongs to
-    // that one's cut, not to this one.
-    match std::fs::remove_file(image_path.join(criu_bridge::manifest::FENCE_FILE)) {
-        Ok(()) => {
-            tracing::info!(id = %id, "removed the fence of an earlier checkpoint in the image directory")
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::internal(
-                format!("{what} failed: cannot remove the earlier fence in the image directory"),
-                e,
-            ))
-        }
-    }
     let (work_path, temp_work) = if opts.work_path.is_empty() {
         (target.bundle.join("criu-work"), true)
     } else {

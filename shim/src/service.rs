@@ -834,8 +834,8 @@ impl Inner {
         let op = self.op_lock(&req.id).await?;
         let _op = op.lock().await;
         let target = {
-            let st = self.state.lock().await;
-            let c = st.get(&req.id)?;
+            let mut st = self.state.lock().await;
+            let c = st.get_mut(&req.id)?;
             check_checkpoint(c.init.status, &c.describe(""))?;
             checkpoint::Target {
                 id: req.id.clone(),
@@ -849,21 +849,9 @@ impl Inner {
                 config: c.config.clone(),
                 overrides: c.overrides.clone(),
                 tap: c.tap.clone().zip(c.tap_config.clone()),
+                void_fence: c.fence_file.take(),
             }
         };
-        // A checkpoint releases the tap's hold: the source then publishes
-        // past what an earlier fence counted, so that fence must not be
-        // restored from any more.
-        let stale = self.state.lock().await.get_mut(&req.id)?.fence_file.take();
-        if let Some(f) = stale {
-            match std::fs::remove_file(&f) {
-                Ok(()) => tracing::warn!(id = %req.id, fence = %f.display(),
-                    "checkpoint of a fenced container: its fence is void and was removed"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(id = %req.id, fence = %f.display(),
-                    "checkpoint of a fenced container: cannot remove its now void fence: {e}"),
-            }
-        }
         let manifest = checkpoint::checkpoint(&target, Path::new(&image_path), &opts).await?;
         tracing::info!(
             id = %req.id,
