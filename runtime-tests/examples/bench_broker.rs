@@ -29,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ms2m_runtime_tests::amqp::{
-    collect_results, rabbitmq_available, Checker, ConsumerState, Producer, ProducerConfig,
-    QueueKind, ResultMsg, TestQueues, AMQP_CONSUMER, STATE_FILE,
+    collect_results, connect_logged_at, manifest_json, queue_cut, rabbitmq_available, Checker,
+    ConsumerState, Producer, ProducerConfig, QueueKind, ResultMsg, TestQueues, AMQP_CONSUMER,
+    STATE_FILE,
 };
 use ms2m_runtime_tests::{env, ms2m, wait_until, Container, RunOpts, TestDir};
 
@@ -140,15 +141,6 @@ fn wait_count(c: &Container, count: u64, timeout: Duration) -> ConsumerState {
     )
 }
 
-/// The timestamp (µs) of the consumer's log line announcing connection #n.
-fn connect_logged_at(log: &Path, n: u64) -> Option<u64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let needle = format!("connection #{n},");
-    text.lines()
-        .filter(|l| l.contains(&needle))
-        .find_map(|l| l.split_whitespace().next()?.parse().ok())
-}
-
 fn wait_connected(log: &Path, n: u64, timeout: Duration) -> u64 {
     wait_until(
         &format!("connection #{n} in {}", log.display()),
@@ -156,19 +148,6 @@ fn wait_connected(log: &Path, n: u64, timeout: Duration) -> u64 {
         Duration::from_millis(2),
         || connect_logged_at(log, n),
     )
-}
-
-fn manifest(img: &Path) -> serde_json::Value {
-    let p = img.join("ms2m-manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn queue_cut<'a>(m: &'a serde_json::Value, queue: &str) -> &'a serde_json::Value {
-    m["broker"]["queues"]
-        .as_array()
-        .and_then(|qs| qs.iter().find(|q| q["name"] == queue))
-        .unwrap_or_else(|| panic!("no cut of {queue} in the manifest's broker section: {m}"))
 }
 
 fn f(v: &serde_json::Value) -> f64 {
@@ -207,7 +186,7 @@ fn correctness(kind: QueueKind, cycles: u64, rate: u64) -> bool {
         ]);
         assert!(out.success(), "cycle {i}: ms2m checkpoint --exit: {out}");
         let ck = t0.elapsed().as_secs_f64() * 1000.0;
-        let m = manifest(&img);
+        let m = manifest_json(&img);
         let b = &m["broker"];
         if b["quiesce"]["complete"] != true {
             quiesce_incomplete += 1;
@@ -408,17 +387,7 @@ fn shim_rss_kib(c: &Container) -> Option<u64> {
     // The shim that serves the task: the longest-lived `-id ID` process.
     ms2m_runtime_tests::shim_pids_for(&c.id)
         .into_iter()
-        .filter_map(|pid| {
-            let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-        })
+        .filter_map(ms2m_runtime_tests::vm_rss_kib)
         .max()
 }
 

@@ -746,6 +746,31 @@ pub fn wait_consumer_count(c: &crate::Container, count: u64, timeout: Duration) 
     )
 }
 
+/// A checkpoint's `ms2m-manifest.json` as JSON (panics naming the file when
+/// it is missing or malformed).
+pub fn manifest_json(img: &std::path::Path) -> serde_json::Value {
+    let p = img.join("ms2m-manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The `broker` cut of `queue` in a manifest (panics when there is none).
+pub fn queue_cut<'a>(m: &'a serde_json::Value, queue: &str) -> &'a serde_json::Value {
+    m["broker"]["queues"]
+        .as_array()
+        .and_then(|qs| qs.iter().find(|q| q["name"] == queue))
+        .unwrap_or_else(|| panic!("no cut of {queue} in the manifest's broker section: {m}"))
+}
+
+/// The timestamp (µs) of the consumer's log line announcing connection #n.
+pub fn connect_logged_at(log: &std::path::Path, n: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let needle = format!("connection #{n},");
+    text.lines()
+        .filter(|l| l.contains(&needle))
+        .find_map(|l| l.split_whitespace().next()?.parse().ok())
+}
+
 /// `rabbitmqctl -n ms2m@localhost ARGS...`.
 pub fn rabbitmqctl(args: &[&str]) -> crate::CmdOut {
     let mut cmd = std::process::Command::new("rabbitmqctl");

@@ -426,6 +426,19 @@ pub fn cgroup_v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
     })
 }
 
+/// `VmRSS` of process `pid` in KiB (`/proc/<pid>/status`), if it runs.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Pids of shim processes started for container `id`: their command line
 /// has `-id ID` (how containerd starts every shim v2).
 pub fn shim_pids_for(id: &str) -> Vec<u32> {
@@ -707,16 +720,7 @@ impl Container {
 
     /// Resident set size of the task's init process in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        let (pid, _) = self.task()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status.lines().find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
+        vm_rss_kib(self.task()?.0)
     }
 
     /// `ctr task checkpoint ARGS... ID`.

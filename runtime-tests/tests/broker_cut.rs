@@ -26,18 +26,41 @@
 //! (`hack/start-rabbitmq.sh`) and the release shim installed.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ms2m_runtime_tests::amqp::{
-    collect_results, consumer_run_opts, consumer_state, digest_of, rabbitmq_available, rabbitmqctl,
-    restart_broker_app, wait_consumer_connects, wait_consumer_count, Checker, Client, Producer,
-    ProducerConfig, QueueKind, ResultMsg, TestQueues,
+    collect_results, connect_logged_at, consumer_run_opts, consumer_state, digest_of,
+    manifest_json, queue_cut, rabbitmq_available, rabbitmqctl, restart_broker_app,
+    wait_consumer_connects, wait_consumer_count, Checker, Client, Producer, ProducerConfig,
+    QueueKind, ResultMsg, TestQueues,
 };
 use ms2m_runtime_tests::{ctr, env, ms2m, wait_until, Container, TestDir};
 
 /// Broker tests take it shared; those that stop the broker exclusively.
 static BROKER: RwLock<()> = RwLock::new(());
+
+/// The hold of [`BROKER`] a test keeps until its end (the guards are held
+/// for their drop, never read).
+enum BrokerLock {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+/// What every broker test starts from: the prerequisites checked (loudly),
+/// [`BROKER`] taken (exclusively when the test stops the broker), a test
+/// directory and fresh queues of `kind`, both named `name`. Bind the lock
+/// first (`let (_lock, td, q) = ...`) so it is released last.
+fn broker_test(name: &str, kind: QueueKind, exclusive: bool) -> (BrokerLock, TestDir, TestQueues) {
+    env();
+    rabbitmq_available();
+    let lock = if exclusive {
+        BrokerLock::Exclusive(BROKER.write().unwrap_or_else(|e| e.into_inner()))
+    } else {
+        BrokerLock::Shared(BROKER.read().unwrap_or_else(|e| e.into_inner()))
+    };
+    (lock, TestDir::new(name), TestQueues::new(name, kind))
+}
 
 /// What the app inside the container uses: the tap on its own loopback.
 const APP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
@@ -76,29 +99,6 @@ fn start_consumer(
     let c = Container::run(&format!("bc-{name}"), opts);
     wait_consumer_connects(&c, 1, Duration::from_secs(30));
     c
-}
-
-fn manifest(img: &Path) -> serde_json::Value {
-    let p = img.join("ms2m-manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// The `broker` cut of `queue` in a manifest.
-fn queue_cut<'a>(m: &'a serde_json::Value, queue: &str) -> &'a serde_json::Value {
-    m["broker"]["queues"]
-        .as_array()
-        .and_then(|qs| qs.iter().find(|q| q["name"] == queue))
-        .unwrap_or_else(|| panic!("no cut of {queue} in the manifest's broker section: {m}"))
-}
-
-/// The timestamp (µs) of the consumer log line announcing connection #n.
-fn connect_logged_at(log: &Path, n: u64) -> Option<u64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let needle = format!("connection #{n},");
-    text.lines()
-        .filter(|l| l.contains(&needle))
-        .find_map(|l| l.split_whitespace().next()?.parse().ok())
 }
 
 /// Results ordered by processing time.
@@ -168,11 +168,7 @@ fn max_gap_ms(results: &[ResultMsg], around_us: u64, window_us: u64) -> f64 {
 
 /// Exit checkpoint mid-stream, messages pile up for 1 s, restore.
 fn exit_checkpoint_and_restore(kind: QueueKind) {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new(&format!("bc-exit-{}", kind.as_str()));
-    let q = TestQueues::new(&format!("bc-exit-{}", kind.as_str()), kind);
+    let (_lock, td, q) = broker_test(&format!("bc-exit-{}", kind.as_str()), kind, false);
     let name = format!("lapin-exit-{}", kind.as_str());
     let c = start_consumer(Client::Lapin, &q, &td, &name, &[]);
     const N: u64 = 1500;
@@ -196,7 +192,7 @@ fn exit_checkpoint_and_restore(kind: QueueKind) {
         status.is_none() || status.as_deref() == Some("STOPPED"),
         "after an exit checkpoint the task is {status:?}"
     );
-    let m = manifest(&img);
+    let m = manifest_json(&img);
     let broker = &m["broker"];
     eprintln!(
         "{name}: broker section: {}",
@@ -278,11 +274,7 @@ fn lapin_classic_exit_checkpoint_restore_exactly_once() {
 /// exactly once.
 #[test]
 fn pika_stream_leave_running_then_kill_restore_from_content_store() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-pika-cs");
-    let q = TestQueues::new("bc-pika-cs", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-pika-cs", QueueKind::Stream, false);
     let name = "pika-cs";
     let c = start_consumer(Client::Pika, &q, &td, name, &[]);
     const N: u64 = 1200;
@@ -361,11 +353,7 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
 /// ones the source had made after the cut): downstream, every result
 /// exactly once, in order, and the restored state is that of 1..=N.
 fn leave_running_fence_kill_restore(client: Client, name: &str) {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new(&format!("bc-{name}"));
-    let q = TestQueues::new(&format!("bc-{name}"), QueueKind::Stream);
+    let (_lock, td, q) = broker_test(&format!("bc-{name}"), QueueKind::Stream, false);
     let c = start_consumer(client, &q, &td, name, &[]);
     const N: u64 = 1200;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
@@ -409,7 +397,7 @@ fn leave_running_fence_kill_restore(client: Client, name: &str) {
     assert_eq!(fence["quiesce"]["complete"], true, "{fence}");
     assert_eq!(
         fence["cut_taken_at_unix_ms"],
-        manifest(&img)["broker"]["captured_at_unix_ms"],
+        manifest_json(&img)["broker"]["captured_at_unix_ms"],
         "{fence}"
     );
     let status = c.status();
@@ -466,11 +454,7 @@ fn pika_stream_fence_kill_restore_publishes_nothing_twice() {
 /// checkpoint fenced with `--kill` and restored is exact.
 #[test]
 fn fence_refused_when_unsettled_and_voided_by_a_later_checkpoint() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-fence-life");
-    let q = TestQueues::new("bc-fence-life", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-fence-life", QueueKind::Stream, false);
     let name = "lapin-fence-life";
     let c = start_consumer(
         Client::Lapin,
@@ -535,11 +519,7 @@ fn fence_refused_when_unsettled_and_voided_by_a_later_checkpoint() {
 /// and the consumer goes on processing.
 #[test]
 fn fence_of_a_classic_queue_consumer_is_refused() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-fence-classic");
-    let q = TestQueues::new("bc-fence-classic", QueueKind::Classic);
+    let (_lock, td, q) = broker_test("bc-fence-classic", QueueKind::Classic, false);
     let c = start_consumer(Client::Lapin, &q, &td, "lapin-fence-classic", &[]);
     const N: u64 = 600;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
@@ -576,11 +556,7 @@ impl Drop for ImageCleanup {
 /// connection, nothing lost or repeated; prints the processing pause.
 #[test]
 fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-lr");
-    let q = TestQueues::new("bc-lr", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-lr", QueueKind::Stream, false);
     let name = "lapin-lr";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     const N: u64 = 4000;
@@ -591,7 +567,7 @@ fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
     ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
     let t1 = now_us();
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let m = manifest(&img);
+    let m = manifest_json(&img);
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
     let gap = max_gap_ms(&results, (t0 + t1) / 2, (t1 - t0) / 2 + 200_000);
@@ -626,11 +602,7 @@ fn leave_running_checkpoint_processing_pause_at_1000_per_s() {
 /// cgroup: "Zombies with threads are not supported".)
 #[test]
 fn quiesce_timeout_records_in_doubt_deliveries() {
-    env();
-    rabbitmq_available();
-    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-qt");
-    let q = TestQueues::new("bc-qt", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-qt", QueueKind::Stream, true);
     let name = "lapin-qt";
     let c = start_consumer(
         Client::Lapin,
@@ -673,7 +645,7 @@ fn quiesce_timeout_records_in_doubt_deliveries() {
     let img = td.join("ck");
     ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
     drop(alarm);
-    let m = manifest(&img);
+    let m = manifest_json(&img);
     let b = &m["broker"];
     eprintln!(
         "{name}: {}",
@@ -720,11 +692,7 @@ fn round_of_100(q: &TestQueues, first: u64, produced: &mut Vec<u64>, results: &m
 /// through the tap and keeps consuming.
 #[test]
 fn broker_restart_while_tap_idle() {
-    env();
-    rabbitmq_available();
-    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-restart");
-    let q = TestQueues::new("bc-restart", QueueKind::Classic);
+    let (_lock, td, q) = broker_test("bc-restart", QueueKind::Classic, true);
     let name = "lapin-restart";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     let (mut produced, mut results) = (Vec::new(), Vec::new());
@@ -744,11 +712,7 @@ fn broker_restart_while_tap_idle() {
 /// the broker is back and loses nothing.
 #[test]
 fn broker_unreachable_at_checkpoint() {
-    env();
-    rabbitmq_available();
-    let _exclusive = BROKER.write().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-down");
-    let q = TestQueues::new("bc-down", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-down", QueueKind::Stream, true);
     let name = "lapin-down";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     let (mut produced, mut results) = (Vec::new(), Vec::new());
@@ -762,7 +726,7 @@ fn broker_unreachable_at_checkpoint() {
     let out = out.expect("the checkpoint ran");
     assert!(out.success(), "checkpoint with the broker down: {out}");
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
-    let m = manifest(&img);
+    let m = manifest_json(&img);
     let b = &m["broker"];
     eprintln!(
         "{name}: {}",
@@ -781,11 +745,7 @@ fn broker_unreachable_at_checkpoint() {
 /// container is unaffected, the shim answers.
 #[test]
 fn hostile_frames_against_the_tap() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-hostile");
-    let q = TestQueues::new("bc-hostile", QueueKind::Classic);
+    let (_lock, td, q) = broker_test("bc-hostile", QueueKind::Classic, false);
     let name = "lapin-hostile";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     let producer = Producer::start(ProducerConfig::new(&q.queue, 500, 500));
@@ -875,11 +835,7 @@ const UPSTREAM_OK: &str = "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:567
 /// held. Nothing is lost either way.
 #[test]
 fn failed_checkpoints_release_the_tap() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-fail");
-    let q = TestQueues::new("bc-fail", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-fail", QueueKind::Stream, false);
     let name = "lapin-fail";
     let c = start_consumer(
         Client::Lapin,
@@ -907,11 +863,7 @@ fn failed_checkpoints_release_the_tap() {
 
 #[test]
 fn failed_dump_releases_the_tap() {
-    env();
-    rabbitmq_available();
-    let _shared = BROKER.read().unwrap_or_else(|e| e.into_inner());
-    let td = TestDir::new("bc-faildump");
-    let q = TestQueues::new("bc-faildump", QueueKind::Stream);
+    let (_lock, td, q) = broker_test("bc-faildump", QueueKind::Stream, false);
     let name = "lapin-faildump";
     let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
     const N: u64 = 900;
