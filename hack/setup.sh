@@ -14,8 +14,9 @@ trap 'echo "error: hack/setup.sh failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 BOOKWORM_PACKAGES=(
     # runtime pieces
     runc iptables iproute2 rabbitmq-server
-    # tools the scripts and tests call: pgrep (setup), script (terminal tests)
-    procps bsdutils
+    # tools the scripts and tests call: pgrep (setup), script (terminal tests),
+    # GNU tar and gzip (CRIU's tmpfs restore; criu-tar's comparison tests)
+    procps bsdutils tar gzip
     # CRIU build dependencies (the brief lists them), plus the compiler
     build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
