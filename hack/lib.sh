@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared settings for the hack/ scripts. Sourced, not executed.
 # Everything ms2m's scripts start lives under its own root, state and socket,
 # so a containerd already running on the host is never touched.
@@ -19,6 +20,39 @@ export MS2M_ROOT
 export MS2M_CRIU_HELPERS MS2M_PREFIX MS2M_CONTAINERD_ROOT MS2M_CONTAINERD_STATE MS2M_CONTAINERD_ADDRESS \
     MS2M_CONTAINERD_CONFIG MS2M_NAMESPACE MS2M_TEST_IMAGE
 
+# Host B: a second containerd of ms2m's own on this machine, for live-migration
+# tests (hack/host-b.sh). Its own network namespace, reached over a veth
+# (host side MS2M_HOSTB_HOST_IP, inside MS2M_HOSTB_IP), its own root, state,
+# socket and config, and its own mount namespace (MS2M_HOSTB_MNTNS) in which
+# runc's default roots (/run/ms2m/runc, /run/containerd/runc) are
+# MS2M_HOSTB_RUNC_ROOT: containers created on B never collide with A's, even
+# with the same namespace and id, without the client passing a runc root.
+: "${MS2M_HOSTB_NETNS:=ms2m-b}"
+: "${MS2M_HOSTB_VETH_HOST:=ms2m-a0}"
+: "${MS2M_HOSTB_VETH_NS:=ms2m-b0}"
+: "${MS2M_HOSTB_HOST_IP:=10.88.0.1}"
+: "${MS2M_HOSTB_IP:=10.88.0.2}"
+: "${MS2M_HOSTB_PREFIXLEN:=24}"
+: "${MS2M_HOSTB_CONTAINERD_ROOT:=/var/lib/ms2m-b/containerd}"
+: "${MS2M_HOSTB_CONTAINERD_STATE:=/run/ms2m-b/containerd}"
+: "${MS2M_HOSTB_ADDRESS:=/run/ms2m-b/containerd/containerd.sock}"
+: "${MS2M_HOSTB_CONFIG:=/etc/ms2m/containerd-b.toml}"
+: "${MS2M_HOSTB_LOG:=/var/log/ms2m/containerd-b.log}"
+: "${MS2M_HOSTB_RUNC_ROOT:=/run/ms2m-b/runc}"
+# The pinned mount namespace of host B (a bind mount of an nsfs file).
+: "${MS2M_HOSTB_MNTNS:=/run/ms2m-b/ns/mnt}"
+# The migration agent inside host B (started only if `ms2m agent --help` works).
+: "${MS2M_HOSTB_AGENT:=$MS2M_HOSTB_IP:7100}"
+: "${MS2M_HOSTB_AGENT_DIR:=/var/lib/ms2m-b/incoming}"
+: "${MS2M_HOSTB_AGENT_LOG:=/var/log/ms2m/agent-b.log}"
+: "${MS2M_HOSTB_AGENT_PIDFILE:=/run/ms2m-b/agent.pid}"
+# The broker as seen from inside host B.
+: "${MS2M_HOSTB_TAP_UPSTREAM:=amqp://guest:guest@$MS2M_HOSTB_HOST_IP:5672/%2f}"
+export MS2M_HOSTB_NETNS MS2M_HOSTB_VETH_HOST MS2M_HOSTB_VETH_NS MS2M_HOSTB_HOST_IP MS2M_HOSTB_IP \
+    MS2M_HOSTB_PREFIXLEN MS2M_HOSTB_CONTAINERD_ROOT MS2M_HOSTB_CONTAINERD_STATE MS2M_HOSTB_ADDRESS \
+    MS2M_HOSTB_CONFIG MS2M_HOSTB_LOG MS2M_HOSTB_RUNC_ROOT MS2M_HOSTB_MNTNS MS2M_HOSTB_AGENT \
+    MS2M_HOSTB_AGENT_DIR MS2M_HOSTB_AGENT_LOG MS2M_HOSTB_AGENT_PIDFILE MS2M_HOSTB_TAP_UPSTREAM
+
 # Cargo builds share one target dir.
 : "${CARGO_TARGET_DIR:=$MS2M_ROOT/target}"
 export CARGO_TARGET_DIR
@@ -29,6 +63,44 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # ctr against ms2m's own containerd.
 ctr_ms2m() { ctr --address "$MS2M_CONTAINERD_ADDRESS" --namespace "$MS2M_NAMESPACE" "$@"; }
+# ctr against host B's containerd.
+ctr_b() { ctr --address "$MS2M_HOSTB_ADDRESS" --namespace "$MS2M_NAMESPACE" "$@"; }
+
+# hostb_exec CMD...: runs CMD "on host B": in its network namespace and its
+# mount namespace. Not `ip netns exec`: that remounts /sys for the netns and
+# so loses /sys/fs/cgroup, which runc (and containerd) need.
+hostb_exec() { nsenter --mount="$MS2M_HOSTB_MNTNS" --net="/run/netns/$MS2M_HOSTB_NETNS" -- "$@"; }
+
+# write_containerd_config CONFIG ROOT STATE ADDRESS [EXTRA_TOML]: writes the
+# config of one of ms2m's containerd instances (version 3, no CRI, ms2m
+# registered as a CRI runtime handler); EXTRA_TOML is appended verbatim.
+write_containerd_config() {
+    local config="$1" root="$2" state="$3" address="$4" extra="${5:-}"
+    mkdir -p "$(dirname "$config")"
+    cat > "$config" <<TOML
+# Written by ms2m's hack/ scripts (write_containerd_config in hack/lib.sh)
+version = 3
+root = "$root"
+state = "$state"
+# No CRI here: the tests drive containerd through ctr and its API, and CRI
+# would want CNI plugins this machine does not have.
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+
+[grpc]
+  address = "$address"
+
+[ttrpc]
+  address = "$address.ttrpc"
+
+[debug]
+  level = "info"
+
+# With CRI enabled, this makes "ms2m" a runtime handler (RuntimeClass).
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ms2m]
+  runtime_type = "io.containerd.ms2m.v1"
+TOML
+    if [ -n "$extra" ]; then printf '\n%s\n' "$extra" >> "$config"; fi
+}
 
 # apt-get with a private sources list for Debian unstable: the system's own
 # lists are never changed.

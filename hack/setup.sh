@@ -3,7 +3,7 @@
 # machine. Idempotent: each step checks whether its result is already there.
 #
 #   hack/setup.sh            everything (packages, CRIU, containerd, ms2m, test image;
-#                            ms2m's containerd and RabbitMQ started)
+#                            ms2m's containerd, RabbitMQ and host B started)
 #   hack/setup.sh system     only the system part (packages, CRIU, containerd)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -12,7 +12,8 @@ trap 'echo "error: hack/setup.sh failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 [ "$(id -u)" = 0 ] || die "setup must run as root (it installs packages and starts containerd)"
 
 BOOKWORM_PACKAGES=(
-    # runtime pieces
+    # runtime pieces (iproute2: also host B's netns and veth, hack/host-b.sh;
+    # its nsenter and unshare come with util-linux, which is essential)
     runc iptables iproute2 rabbitmq-server
     # tools the scripts and tests call: pgrep (setup), script (terminal tests),
     # GNU tar and gzip (CRIU's tmpfs restore; criu-tar's comparison tests)
@@ -177,6 +178,9 @@ main() {
     "$MS2M_ROOT/hack/build-image.sh"
     # The broker for the AMQP tap, its tests and the demo.
     "$MS2M_ROOT/hack/start-rabbitmq.sh"
+    # Host B, the live-migration target: a second containerd in its own
+    # network namespace (hack/host-b.sh).
+    "$MS2M_ROOT/hack/host-b.sh" start
     log "setup complete"
 }
 

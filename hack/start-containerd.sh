@@ -14,28 +14,8 @@ fi
 command -v containerd >/dev/null || die "containerd not installed: run hack/setup.sh"
 
 mkdir -p "$(dirname "$MS2M_CONTAINERD_CONFIG")" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" /var/log/ms2m
-cat > "$MS2M_CONTAINERD_CONFIG" <<TOML
-# Written by ms2m's hack/start-containerd.sh
-version = 3
-root = "$MS2M_CONTAINERD_ROOT"
-state = "$MS2M_CONTAINERD_STATE"
-# No CRI here: the tests drive containerd through ctr and its API, and CRI
-# would want CNI plugins this machine does not have.
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
-
-[grpc]
-  address = "$MS2M_CONTAINERD_ADDRESS"
-
-[ttrpc]
-  address = "$MS2M_CONTAINERD_ADDRESS.ttrpc"
-
-[debug]
-  level = "info"
-
-# With CRI enabled, this makes "ms2m" a runtime handler (RuntimeClass).
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ms2m]
-  runtime_type = "io.containerd.ms2m.v1"
-TOML
+write_containerd_config "$MS2M_CONTAINERD_CONFIG" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" \
+    "$MS2M_CONTAINERD_ADDRESS"
 
 log "starting containerd (log: /var/log/ms2m/containerd.log)"
 nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>/var/log/ms2m/containerd.log 2>&1 &

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Starts a RabbitMQ node of ms2m's own (node ms2m@localhost, its own data and
-# log dirs, AMQP on 127.0.0.1:5672 and [::1]:5672 only) unless one answers.
-# The AMQP tests and the broker demo need it; nothing else starts it.
+# log dirs) unless one answers with the current config. AMQP listens on every
+# address (port 5672), and guest may log in from anywhere: host B
+# (hack/host-b.sh, network namespace ms2m-b) reaches the broker at 10.88.0.1
+# over a veth. A test-only node: do not run it on a machine whose port 5672
+# is exposed to a network you do not trust.
+# A node still running with an older config of this script (version marker
+# below; version 1 listened on loopback only) is stopped and started again.
+# The AMQP tests, the broker demo and host B need it; nothing else starts it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -16,9 +22,30 @@ export RABBITMQ_ENABLED_PLUGINS_FILE=/etc/ms2m/rabbitmq-enabled-plugins
 
 command -v rabbitmq-server >/dev/null || die "rabbitmq-server not installed: run hack/setup.sh"
 
+# Bump when the config below changes in a way a running node must pick up.
+CONFIG_VERSION=2
+CONFIG_MARKER="# ms2m-rabbitmq-config-version: $CONFIG_VERSION"
+
+# True if AMQP listens on the wildcard address (what config version 2 gives).
+listens_everywhere() {
+    ss -Hltn "sport = :$MS2M_RABBITMQ_PORT" 2>/dev/null | awk '{print $4}' \
+        | grep -qE "^(\*|0\.0\.0\.0|\[::\]):$MS2M_RABBITMQ_PORT\$"
+}
+
 if rabbitmqctl -q -n "$RABBITMQ_NODENAME" status >/dev/null 2>&1; then
-    log "RabbitMQ node $RABBITMQ_NODENAME already running"
-    exit 0
+    if grep -qxF "$CONFIG_MARKER" /etc/ms2m/rabbitmq.conf 2>/dev/null && listens_everywhere; then
+        log "RabbitMQ node $RABBITMQ_NODENAME already running"
+        exit 0
+    fi
+    log "RabbitMQ node $RABBITMQ_NODENAME runs with an older config (loopback only): restarting it"
+    rabbitmqctl -q -n "$RABBITMQ_NODENAME" stop >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do
+        if ! rabbitmqctl -q -n "$RABBITMQ_NODENAME" status >/dev/null 2>&1 \
+            && ! ss -Hltn "sport = :$MS2M_RABBITMQ_PORT" 2>/dev/null | grep -q .; then
+            break
+        fi
+        sleep 0.5
+    done
 fi
 
 # Debian's package may have started its own default node on 5672 when it was
@@ -39,10 +66,11 @@ fi
 mkdir -p /etc/ms2m "$RABBITMQ_MNESIA_BASE" "$RABBITMQ_LOG_BASE"
 chown -R rabbitmq:rabbitmq "$MS2M_RABBITMQ_BASE" "$RABBITMQ_LOG_BASE"
 cat > /etc/ms2m/rabbitmq.conf <<CONF
-# Written by ms2m's hack/start-rabbitmq.sh: loopback only.
-listeners.tcp.1 = 127.0.0.1:$MS2M_RABBITMQ_PORT
-listeners.tcp.2 = ::1:$MS2M_RABBITMQ_PORT
-loopback_users.guest = true
+# Written by ms2m's hack/start-rabbitmq.sh: AMQP on every address (host B
+# reaches it over its veth), guest allowed from non-loopback: test-only node.
+$CONFIG_MARKER
+listeners.tcp.default = $MS2M_RABBITMQ_PORT
+loopback_users = none
 CONF
 echo '[].' > /etc/ms2m/rabbitmq-enabled-plugins
 chmod 644 /etc/ms2m/rabbitmq.conf /etc/ms2m/rabbitmq-enabled-plugins
@@ -51,7 +79,7 @@ log "starting RabbitMQ node $RABBITMQ_NODENAME (log: $RABBITMQ_LOG_BASE)"
 rabbitmq-server -detached
 for _ in $(seq 1 120); do
     if rabbitmqctl -q -n "$RABBITMQ_NODENAME" await_startup >/dev/null 2>&1; then
-        log "RabbitMQ ready on 127.0.0.1:$MS2M_RABBITMQ_PORT"
+        log "RabbitMQ ready on port $MS2M_RABBITMQ_PORT (all addresses)"
         exit 0
     fi
     sleep 0.5

@@ -36,6 +36,43 @@ pub struct FenceRequest {
     /// closes); the fence is written there as [`FENCE_FILE`].
     pub image_path: String,
 }
+/// `type_url` of the task `Update` resources that drive the source side of
+/// a live migration (`ms2m migrate`) in ms2m's shim; the value is a JSON
+/// [`MigrateRequest`].
+pub const MIGRATE_REQUEST_TYPE_URL: &str = "ms2m.io/migrate.v1";
+
+/// The body of a migrate request, one per step of the source's part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MigrateRequest {
+    /// Become the source of a migration from the leave-running checkpoint
+    /// in `image_path`: announce the tap's progress into the migration's
+    /// broker room.
+    Start {
+        /// The migration (names the broker room).
+        migration_id: String,
+        /// The checkpoint the target restores (its cut is where the source
+        /// counts publishes from).
+        image_path: String,
+    },
+    /// Fence the source (hold, wait at most `timeout_ms` for acks, count
+    /// publishes) and send the fence into the room. Deliveries stay held.
+    Cutover {
+        /// The migration.
+        migration_id: String,
+        /// Quiesce bound, ms.
+        timeout_ms: u64,
+    },
+    /// Abandon the migration: the source goes on (a fence's hold is
+    /// released).
+    Abort {
+        /// The migration.
+        migration_id: String,
+        /// Why, for the logs and the room.
+        reason: String,
+    },
+}
+
 /// The `schema` every manifest carries.
 pub const MANIFEST_SCHEMA: &str = "ms2m.checkpoint";
 /// The manifest version this build writes, and the newest it reads.

@@ -140,26 +140,14 @@ pub fn resume_of(manifest: &Manifest, cut: Option<Cut>, images: &Path) -> Result
         }
     };
     resume.suppress_publishes += pending;
+    resume.shadow = shadow_of(&resume, images)?;
     Ok(resume)
 }
 
-/// The fence of a leave-running checkpoint's source (`ms2m fence`): holds
-/// the tap's deliveries, waits (bounded) for the app's acks, and writes
-/// into `images` how many publishes the source made since the cut of the
-/// checkpoint there, which a restore of it then suppresses; returns the
-/// fence file. Deliveries stay held: the source is to be stopped next.
-///
-/// Refused, with nothing held that was not held before, when `images` is
-/// not a checkpoint of this container with this tap's last cut, when the
-/// container consumes a classic queue, or when the quiesce does not
-/// complete (the app may then still publish results the fence would not
-/// count). The caller holds the container's operation lock, so no
-/// checkpoint moves the cut or releases the hold meanwhile.
-pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Result<PathBuf> {
-    let what = format!(
-        "fence of container {id} for the checkpoint in {}",
-        images.display()
-    );
+/// The cut of the checkpoint in `images`, checked for a fence or a
+/// migration: a checkpoint of container `id`, whose cut is `tap`'s last
+/// one, of stream queues only. `what` names the operation in errors.
+fn check_last_stream_cut(id: &str, tap: &Tap, images: &Path, what: &str) -> Result<Cut> {
     let manifest = Manifest::read(images)
         .map_err(|e| Error::InvalidArgument(format!("{what}: no readable ms2m manifest: {e}")))?;
     let cut = cut_of(&manifest, images)?.ok_or_else(|| {
@@ -196,6 +184,69 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
              checkpoint to move a classic-queue consumer). The container keeps running."
         )));
     }
+    Ok(cut)
+}
+
+/// The live-migration ticket in `images` ([`ms2m_tap::migration::TICKET_FILE`],
+/// written by `ms2m migrate`), if any: the restore is then the shadow of a
+/// migration. A malformed ticket, one for another cut, or one beside a
+/// fence is an error (the restore would publish twice or drop results).
+fn shadow_of(resume: &Resume, images: &Path) -> Result<Option<ms2m_tap::Shadow>> {
+    let file = images.join(ms2m_tap::migration::TICKET_FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::internal(
+                format!("read the migration ticket {}", file.display()),
+                e,
+            ))
+        }
+    };
+    let bad = |why: String| {
+        Error::InvalidArgument(format!(
+            "checkpoint {}: the migration ticket: {why}",
+            images.display()
+        ))
+    };
+    let ticket: ms2m_tap::Ticket =
+        serde_json::from_str(&text).map_err(|e| bad(format!("malformed: {e}")))?;
+    ticket.validate().map_err(|e| bad(e.to_string()))?;
+    let Some(cut) = &resume.cut else {
+        return Err(bad("the checkpoint has no broker cut".into()));
+    };
+    if cut.captured_at_unix_ms != ticket.cut_taken_at_unix_ms {
+        return Err(bad(format!(
+            "it is for the cut taken at {} ms, the checkpoint's was taken at {} ms",
+            ticket.cut_taken_at_unix_ms, cut.captured_at_unix_ms
+        )));
+    }
+    if resume.suppress_publishes > 0 {
+        return Err(bad(format!(
+            "the checkpoint also has a fence ({FENCE_FILE}) or pending suppression"
+        )));
+    }
+    Ok(Some(ms2m_tap::Shadow { ticket }))
+}
+
+/// The fence of a leave-running checkpoint's source (`ms2m fence`): holds
+/// the tap's deliveries, waits (bounded) for the app's acks, and writes
+/// into `images` how many publishes the source made since the cut of the
+/// checkpoint there, which a restore of it then suppresses; returns the
+/// fence file. Deliveries stay held: the source is to be stopped next.
+///
+/// Refused, with nothing held that was not held before, when `images` is
+/// not a checkpoint of this container with this tap's last cut, when the
+/// container consumes a classic queue, or when the quiesce does not
+/// complete (the app may then still publish results the fence would not
+/// count). The caller holds the container's operation lock, so no
+/// checkpoint moves the cut or releases the hold meanwhile.
+pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Result<PathBuf> {
+    let what = format!(
+        "fence of container {id} for the checkpoint in {}",
+        images.display()
+    );
+    check_last_stream_cut(id, tap, images, &what)?;
     let was_holding = tap.holding();
     let undo = || async {
         if !was_holding {
@@ -230,6 +281,32 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
         "fenced: deliveries held, the source may be stopped"
     );
     Ok(file)
+}
+
+/// The source's part of a live migration (`ms2m migrate`), first step:
+/// checks that `images` holds this container's newest leave-running
+/// checkpoint (its cut is the tap's last, stream queues only) and opens the
+/// tap's link into the migration's broker room, announcing the source's
+/// progress there until the cutover (see docs/migration.md). The caller
+/// holds the container's operation lock.
+pub async fn migrate_start(
+    id: &str,
+    tap: &Tap,
+    images: &Path,
+    migration_id: &str,
+) -> Result<ms2m_tap::SourceLink> {
+    let what = format!(
+        "migration {migration_id} of container {id} from the checkpoint in {}",
+        images.display()
+    );
+    let cut = check_last_stream_cut(id, tap, images, &what)?;
+    let ticket = ms2m_tap::Ticket::new(migration_id, id, cut.captured_at_unix_ms);
+    ticket
+        .validate()
+        .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+    tap.migration_source(&ticket)
+        .await
+        .map_err(|e| Error::FailedPrecondition(format!("{what}: cannot open the broker link: {e}")))
 }
 
 /// Writes `body` to `path` through a temporary file beside it and a rename;

@@ -78,6 +78,8 @@ pub struct Container {
     /// leave-running checkpoint; a later checkpoint removes it (it releases
     /// the hold, so the source publishes past what the fence counted).
     pub fence_file: Option<std::path::PathBuf>,
+    /// The live migration this container is the source of (`ms2m migrate`).
+    pub migration: Option<ms2m_tap::SourceLink>,
 }
 
 impl Container {
@@ -330,6 +332,7 @@ async fn create_in_bundle(
         tap_config: None,
         tap: None,
         fence_file: None,
+        migration: None,
     })
 }
 

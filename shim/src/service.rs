@@ -904,6 +904,9 @@ impl Inner {
             if any.type_url == criu_bridge::manifest::FENCE_REQUEST_TYPE_URL {
                 return self.fence(&req.id, &any.value).await;
             }
+            if any.type_url == criu_bridge::manifest::MIGRATE_REQUEST_TYPE_URL {
+                return self.migrate(&req.id, &any.value).await;
+            }
         }
         let runc = self.state.lock().await.get(&req.id)?.runc.clone();
         let resources = req
@@ -945,6 +948,115 @@ impl Inner {
             c.fence_file = Some(file);
         }
         Ok(())
+    }
+
+    /// `ms2m migrate`, the source's part: the task `Update` whose resources
+    /// are a [`criu_bridge::manifest::MigrateRequest`] (see
+    /// [`crate::broker::migrate_start`] and docs/migration.md).
+    async fn migrate(&self, id: &str, body: &[u8]) -> Result<()> {
+        use criu_bridge::manifest::MigrateRequest;
+        let req: MigrateRequest = serde_json::from_slice(body).map_err(|e| {
+            Error::InvalidArgument(format!("migration of container {id}: bad request: {e}"))
+        })?;
+        // No checkpoint may move the cut or release the hold meanwhile.
+        let op = self.op_lock(id).await?;
+        let _op = op.lock().await;
+        let (tap, config) = {
+            let st = self.state.lock().await;
+            let c = st.get(id)?;
+            match (c.tap.clone(), c.tap_config.clone()) {
+                (Some(t), Some(tc)) => (t, tc),
+                _ => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "migration of container {id}: it has no AMQP tap ({})",
+                        crate::config::TAP_UPSTREAM_ANNOTATION
+                    )))
+                }
+            }
+        };
+        let op_name = match &req {
+            MigrateRequest::Start { .. } => "start",
+            MigrateRequest::Cutover { .. } => "cutover",
+            MigrateRequest::Abort { .. } => "abort",
+        };
+        let span = tracing::info_span!("migrate", id, op = op_name);
+        let t0 = std::time::Instant::now();
+        let r = async {
+            match req {
+                MigrateRequest::Start {
+                    migration_id,
+                    image_path,
+                } => {
+                    let link = crate::broker::migrate_start(
+                        id,
+                        &tap,
+                        Path::new(&image_path),
+                        &migration_id,
+                    )
+                    .await?;
+                    let mut st = self.state.lock().await;
+                    st.get_mut(id)?.migration = Some(link);
+                    Ok(())
+                }
+                MigrateRequest::Cutover {
+                    migration_id,
+                    timeout_ms,
+                } => {
+                    let link = self.take_migration(id, &migration_id).await?;
+                    let timeout = std::time::Duration::from_millis(timeout_ms).min(
+                        config
+                            .quiesce_timeout
+                            .max(std::time::Duration::from_secs(10)),
+                    );
+                    let r = link.fence(&tap, timeout).await;
+                    // Kept either way: an abort after a failed or a
+                    // successful fence releases through it.
+                    self.state.lock().await.get_mut(id)?.migration = Some(link);
+                    r.map(|_| ()).map_err(|e| {
+                        Error::FailedPrecondition(format!(
+                            "migration {migration_id} of container {id}: fence: {e}"
+                        ))
+                    })
+                }
+                MigrateRequest::Abort {
+                    migration_id,
+                    reason,
+                } => {
+                    let link = self.take_migration(id, &migration_id).await?;
+                    link.abort(&tap, &reason).await;
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        tracing::info!(
+            id,
+            op = op_name,
+            ok = r.is_ok(),
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "migrate done"
+        );
+        r
+    }
+
+    /// The container's migration link, checked against `migration_id`.
+    async fn take_migration(&self, id: &str, migration_id: &str) -> Result<ms2m_tap::SourceLink> {
+        let mut st = self.state.lock().await;
+        let c = st.get_mut(id)?;
+        match c.migration.take() {
+            Some(l) if l.ticket().migration_id == migration_id => Ok(l),
+            Some(l) => {
+                let other = l.ticket().migration_id.clone();
+                c.migration = Some(l);
+                Err(Error::FailedPrecondition(format!(
+                    "container {id} is the source of migration {other}, not {migration_id}"
+                )))
+            }
+            None => Err(Error::FailedPrecondition(format!(
+                "container {id} is not the source of migration {migration_id} (no `start`)"
+            ))),
+        }
     }
 
     async fn close_io(&self, req: api::CloseIORequest) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +60,12 @@ pub(crate) struct Shared {
     pub suppress_total: u64,
     /// `captured_at_unix_ms` of the last cut captured.
     pub last_cut_ms: Mutex<Option<u64>>,
+    /// The shadow of a live migration: stream deliveries at or past the
+    /// gate are held (see [`crate::migration`]).
+    pub gate: crate::migration::Gate,
+    /// Fast-path flag: the gate is closed somewhere (false once live, and
+    /// always for an ordinary tap).
+    pub shadow_active: AtomicBool,
 }
 
 impl Shared {
@@ -131,7 +137,7 @@ pub struct TapStats {
 /// Handle to a running tap (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Tap {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     addrs: Arc<Vec<SocketAddr>>,
 }
 
@@ -165,8 +171,28 @@ impl Tap {
         }
         let Resume {
             cut: resume,
+            shadow,
             suppress_publishes,
         } = resume;
+        // A shadow suppresses every publish until the source's fence says
+        // how many (see crate::migration), and replays no further than the
+        // cut until the source's progress arrives.
+        let suppress_publishes = if shadow.is_some() {
+            u64::MAX
+        } else {
+            suppress_publishes
+        };
+        let gate = shadow.as_ref().map(|_| {
+            resume
+                .as_ref()
+                .map(|c| {
+                    c.queues
+                        .iter()
+                        .filter_map(|q| q.next_offset.map(|n| (q.name.clone(), n)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         let (mode, _) = watch::channel(Mode::Open);
         let shared = Arc::new(Shared {
             ledger: Mutex::new(Ledger::new(resume.as_ref())),
@@ -177,7 +203,12 @@ impl Tap {
             suppress_remaining: AtomicU64::new(suppress_publishes),
             suppress_total: suppress_publishes,
             last_cut_ms: Mutex::new(None),
+            shadow_active: AtomicBool::new(gate.is_some()),
+            gate: crate::migration::Gate::new(gate),
         });
+        if let Some(shadow) = shadow {
+            crate::migration::spawn_target(shared.clone(), shadow);
+        }
         let mut addrs = Vec::new();
         for l in listeners {
             l.set_nonblocking(true)

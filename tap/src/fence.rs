@@ -112,6 +112,10 @@ pub struct Resume {
     /// acked to the app by the tap). Normally
     /// [`Fence::publishes_after_cut`] of the source's fence.
     pub suppress_publishes: u64,
+    /// The restore is the shadow of a live migration: replay behind the
+    /// source, suppress every publish until the source's fence, then go
+    /// live (see [`crate::migration`]). Overrides `suppress_publishes`.
+    pub shadow: Option<crate::migration::Shadow>,
 }
 
 impl Resume {
@@ -120,6 +124,7 @@ impl Resume {
         Resume {
             cut,
             suppress_publishes: 0,
+            shadow: None,
         }
     }
 
@@ -146,6 +151,7 @@ impl Resume {
         Ok(Resume {
             suppress_publishes: fence.publishes_after_cut,
             cut: Some(cut),
+            shadow: None,
         })
     }
 }

@@ -586,6 +586,17 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    /// The acked position (highest acked offset + 1) of every stream queue
+    /// that has one: what a live migration's source announces and its
+    /// target compares against.
+    pub fn stream_positions(&self) -> BTreeMap<String, u64> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| q.stream)
+            .filter_map(|(name, q)| q.next_offset.map(|n| (name.clone(), n)))
+            .collect()
+    }
+
     /// The per-queue part of a cut. `in_doubt` lists unsettled deliveries
     /// (pass `false` when the quiesce completed and nothing can be in doubt).
     pub fn queue_cuts(&self, with_in_doubt: bool) -> Vec<QueueCut> {

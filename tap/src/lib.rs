@@ -108,7 +108,9 @@ mod control;
 pub mod cut;
 pub mod fence;
 pub mod ledger;
+pub mod link;
 mod listener;
+pub mod migration;
 mod proxy;
 
 use std::fmt;
@@ -117,6 +119,7 @@ use std::time::Duration;
 pub use control::{Quiesce, Tap, TapStats};
 pub use cut::{Cut, InDoubt, OffsetSpec, QueueCut, QueueKind, QuiesceReport};
 pub use fence::{Fence, Resume, FENCE_SCHEMA};
+pub use migration::{Shadow, SourceLink, Ticket};
 
 /// Default absolute cap on frame size (1 MiB; RabbitMQ negotiates 128 KiB).
 pub const DEFAULT_MAX_FRAME: u32 = 1024 * 1024;
@@ -256,6 +259,9 @@ pub struct TapConfig {
     pub quiesce_timeout: Duration,
     /// Bound on connecting to the upstream broker.
     pub connect_timeout: Duration,
+    /// The tap's own connection to the broker (live migration signals),
+    /// with the upstream URL's credentials (never printed).
+    pub control: Option<link::LinkConfig>,
 }
 
 impl TapConfig {
@@ -263,6 +269,10 @@ impl TapConfig {
     pub fn new(upstream_url: &str) -> Result<TapConfig, TapError> {
         Ok(TapConfig {
             upstream: Upstream::parse(upstream_url)?,
+            control: Some(link::LinkConfig::from_url(
+                upstream_url,
+                Duration::from_secs(5),
+            )?),
             listen_port: DEFAULT_PORT,
             max_frame: DEFAULT_MAX_FRAME,
             quiesce_timeout: Duration::from_secs(2),

@@ -259,7 +259,8 @@ impl Drop for BatchGuard<'_> {
 }
 
 /// Puts a frame bound for the client on channel `ch` in its place: the held
-/// list when the channel is held, else `out`.
+/// list when the channel is held (publisher confirms never: they pass held
+/// deliveries), else `out`.
 fn place(
     ch: u16,
     bytes: Vec<u8>,
@@ -267,7 +268,7 @@ fn place(
     held: &mut Vec<(u16, Vec<u8>)>,
     out: &mut Vec<u8>,
 ) {
-    if held_channels.contains(&ch) {
+    if held_channels.contains(&ch) && !is_confirm_frame(&bytes) {
         held.push((ch, bytes));
     } else {
         out.extend_from_slice(&bytes);
@@ -281,6 +282,23 @@ fn offer(gate: &mut Option<ContentGate<Vec<u8>>>, ch: u16, bytes: Vec<u8>) -> Op
         Some(g) => g.offer(ch, bytes),
         None => Some(bytes),
     }
+}
+
+/// True for a basic.deliver or basic.get-ok method frame (whole frame).
+fn is_delivery_frame(frame: &[u8]) -> bool {
+    frame.len() >= 11
+        && frame[0] == FRAME_METHOD
+        && frame[7..9] == 60u16.to_be_bytes()
+        && (frame[9..11] == 60u16.to_be_bytes() || frame[9..11] == 71u16.to_be_bytes())
+}
+
+/// True for a basic.ack or basic.nack method frame (a publisher confirm,
+/// when it comes from the broker side).
+fn is_confirm_frame(frame: &[u8]) -> bool {
+    frame.len() >= 11
+        && frame[0] == FRAME_METHOD
+        && frame[7..9] == 60u16.to_be_bytes()
+        && (frame[9..11] == 80u16.to_be_bytes() || frame[9..11] == 120u16.to_be_bytes())
 }
 
 /// Delivery waiting for its content header.
@@ -467,7 +485,28 @@ impl Pair<'_> {
             // The mode is read fresh (not only on change notifications) so a
             // quiesce or release takes effect from the next batch on.
             let now = *mode.borrow();
-            if now == Mode::Open && !held_channels.is_empty() {
+            if now == Mode::Open
+                && !held_channels.is_empty()
+                && self.shared.shadow_active.load(Ordering::SeqCst)
+            {
+                // A shadow's gate moved (or a quiesce ended): forward what
+                // it lets through now.
+                self.release_gated(
+                    &mut held,
+                    &mut held_deliveries,
+                    &mut held_channels,
+                    &mut held_count,
+                    &pending,
+                    &mut out,
+                );
+                if !out.is_empty() {
+                    cw.write_all(&out).await.map_err(|err| PairError::Io {
+                        side: "client",
+                        err,
+                    })?;
+                    out.clear();
+                }
+            } else if now == Mode::Open && !held_channels.is_empty() {
                 // Release: record and forward what was held, in order.
                 held_count.clear();
                 {
@@ -501,6 +540,19 @@ impl Pair<'_> {
                         if let Some(bytes) = offer(&mut gate, ch, bytes) {
                             place(ch, bytes, &held_channels, &mut held, &mut out);
                         }
+                    }
+                    if *mode.borrow() == Mode::Open
+                        && !held_channels.is_empty()
+                        && self.shared.shadow_active.load(Ordering::SeqCst)
+                    {
+                        self.release_gated(
+                            &mut held,
+                            &mut held_deliveries,
+                            &mut held_channels,
+                            &mut held_count,
+                            &pending,
+                            &mut out,
+                        );
                     }
                     if !out.is_empty() {
                         cw.write_all(&out).await.map_err(|err| PairError::Io {
@@ -550,6 +602,10 @@ impl Pair<'_> {
             // not conclude between reading the mode and recording deliveries.
             let _batch = BatchGuard::enter(&counters.batches_active);
             let holding = *mode.borrow() == Mode::Hold;
+            // The shadow of a live migration holds every delivery until its
+            // stream offset (in the content header) is known to be behind
+            // the gate (see crate::migration).
+            let shadow = self.shared.shadow_active.load(Ordering::SeqCst);
             // Frames the tap injected before these broker frames were read
             // go first: an ack for a suppressed publish must precede any
             // broker confirm (a multiple one could cover it). One for a
@@ -572,7 +628,13 @@ impl Pair<'_> {
                     Some(g) => g.feed(ch, f.kind, &reader.buffered()[f.payload_range()]),
                     None => Vec::new(),
                 };
-                let mut hold_this = ch != 0 && held_channels.contains(&ch);
+                // Publisher confirms are never held: they need no order
+                // with deliveries, and an app that acks a delivery only
+                // after its result is confirmed on the same channel would
+                // otherwise never settle, and a quiesce never complete.
+                let mut hold_this = ch != 0
+                    && held_channels.contains(&ch)
+                    && !is_confirm_frame(&reader.buffered()[f.range()]);
                 // A rewritten frame replacing this one (shifted confirm).
                 let mut replacement: Option<Vec<u8>> = None;
                 if f.kind == FRAME_METHOD {
@@ -584,7 +646,7 @@ impl Pair<'_> {
                                 self.shared.ledger().delivery_from_deliver(self.id, ch, d);
                             self.delivery(
                                 delivery,
-                                holding,
+                                holding || shadow,
                                 &mut hold_this,
                                 &mut held_deliveries,
                                 &mut held_count,
@@ -596,7 +658,7 @@ impl Pair<'_> {
                                 self.shared.ledger().delivery_from_get_ok(self.id, ch, g);
                             self.delivery(
                                 delivery,
-                                holding,
+                                holding || shadow,
                                 &mut hold_this,
                                 &mut held_deliveries,
                                 &mut held_count,
@@ -695,6 +757,16 @@ impl Pair<'_> {
                     place(ch, b, &held_channels, &mut held, &mut out);
                 }
             }
+            if shadow && !holding && !held_channels.is_empty() {
+                self.release_gated(
+                    &mut held,
+                    &mut held_deliveries,
+                    &mut held_channels,
+                    &mut held_count,
+                    &pending,
+                    &mut out,
+                );
+            }
             drop(_batch);
             counters
                 .frames_from_broker
@@ -707,6 +779,76 @@ impl Pair<'_> {
                 out.clear();
             }
         }
+    }
+
+    /// A shadow's partial release: forwards, in order, the held frames of
+    /// each channel up to its first delivery that must wait (its content
+    /// header, with the stream offset, not read yet, or a stream offset at
+    /// or past the gate), and keeps the rest held. Deliveries without a
+    /// stream offset (classic queues) are not gated.
+    fn release_gated(
+        &self,
+        held: &mut Vec<(u16, Vec<u8>)>,
+        held_deliveries: &mut Vec<Delivery>,
+        held_channels: &mut HashSet<u16>,
+        held_count: &mut HeldCount<'_>,
+        pending: &HashMap<u16, PendingHeader>,
+        out: &mut Vec<u8>,
+    ) {
+        let limits = self.shared.gate.limits();
+        let mut blocked: HashSet<u16> = HashSet::new();
+        let mut kept: Vec<(u16, Vec<u8>)> = Vec::new();
+        let mut kept_deliveries: Vec<Delivery> = Vec::new();
+        let mut released: Vec<Delivery> = Vec::new();
+        // Held deliveries and their method frames were pushed in the same
+        // order: the n-th delivery frame in `held` is the n-th delivery.
+        let mut deliveries = std::mem::take(held_deliveries).into_iter();
+        for (ch, bytes) in held.drain(..) {
+            if is_delivery_frame(&bytes) {
+                let Some(d) = deliveries.next() else {
+                    // Cannot happen (both lists move together); keep the
+                    // frame held rather than lose track of it.
+                    blocked.insert(ch);
+                    kept.push((ch, bytes));
+                    continue;
+                };
+                let wait = blocked.contains(&ch)
+                    || pending
+                        .get(&ch)
+                        .is_some_and(|p| p.held && p.tag == d.delivery_tag)
+                    || match (&limits, d.stream_offset) {
+                        (Some(l), Some(o)) => o >= l.get(&d.queue).copied().unwrap_or(0),
+                        _ => false,
+                    };
+                if wait {
+                    blocked.insert(ch);
+                    kept_deliveries.push(d);
+                    kept.push((ch, bytes));
+                } else {
+                    released.push(d);
+                    out.extend_from_slice(&bytes);
+                }
+            } else if blocked.contains(&ch) && !is_confirm_frame(&bytes) {
+                kept.push((ch, bytes));
+            } else {
+                // Not behind a waiting delivery, or a publisher confirm
+                // (from the broker or for a suppressed publish): confirms
+                // need no order with deliveries, and an app that waits for
+                // its confirm before acking must not wait behind the gate.
+                out.extend_from_slice(&bytes);
+            }
+        }
+        kept_deliveries.extend(deliveries);
+        if !released.is_empty() {
+            held_count.sub(released.len() as u64);
+            let mut ledger = self.shared.ledger();
+            for d in released {
+                ledger.record_delivery(self.id, d);
+            }
+        }
+        *held = kept;
+        *held_deliveries = kept_deliveries;
+        held_channels.retain(|c| blocked.contains(c));
     }
 
     fn delivery(

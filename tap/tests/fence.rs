@@ -22,6 +22,7 @@ fn start_suppressing(n: u64) -> Harness {
         Resume {
             cut: None,
             suppress_publishes: n,
+            shadow: None,
         },
     )
 }

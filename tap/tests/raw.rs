@@ -446,6 +446,7 @@ fn suppressed_publishes_interleaved_across_channels() {
         ms2m_tap::Resume {
             cut: None,
             suppress_publishes: 2,
+            shadow: None,
         },
     );
     let q = unique("raw-suppress");
@@ -614,6 +615,7 @@ fn injected_acks_wait_for_the_end_of_a_delivery() {
             ms2m_tap::Resume {
                 cut: None,
                 suppress_publishes: DROPPED,
+                shadow: None,
             },
         );
         let mut c = Raw::new(h.addr, false);
