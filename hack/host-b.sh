@@ -196,6 +196,7 @@ start_agent() {
         ms2m --address "$MS2M_HOSTB_ADDRESS" --namespace "$MS2M_NAMESPACE" agent \
         --listen "$MS2M_HOSTB_AGENT" --dir "$MS2M_HOSTB_AGENT_DIR" \
         --tap-upstream "$MS2M_HOSTB_TAP_UPSTREAM" --runc-root "$MS2M_HOSTB_RUNC_ROOT" \
+        --cgroup-parent "$MS2M_HOSTB_CGROUP_PARENT" \
         >>"$MS2M_HOSTB_AGENT_LOG" 2>&1 </dev/null &
     echo $! > "$MS2M_HOSTB_AGENT_PIDFILE"
     for _ in $(seq 1 100); do

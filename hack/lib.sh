@@ -45,6 +45,8 @@ export MS2M_CRIU_HELPERS MS2M_PREFIX MS2M_CONTAINERD_ROOT MS2M_CONTAINERD_STATE 
 : "${MS2M_HOSTB_AGENT:=$MS2M_HOSTB_IP:7100}"
 : "${MS2M_HOSTB_AGENT_DIR:=/var/lib/ms2m-b/incoming}"
 : "${MS2M_HOSTB_AGENT_LOG:=/var/log/ms2m/agent-b.log}"
+# Host B shares host A's kernel: its containers get cgroups of their own.
+: "${MS2M_HOSTB_CGROUP_PARENT:=/ms2m-b}"
 : "${MS2M_HOSTB_AGENT_PIDFILE:=/run/ms2m-b/agent.pid}"
 # The broker as seen from inside host B.
 : "${MS2M_HOSTB_TAP_UPSTREAM:=amqp://guest:guest@$MS2M_HOSTB_HOST_IP:5672/%2f}"

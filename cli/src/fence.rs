@@ -84,7 +84,7 @@ pub async fn run(cd: &Containerd, args: &FenceArgs) -> Result<FenceReport> {
     let fence: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
     if args.kill {
-        kill_and_wait(cd, &args.id).await?;
+        kill_and_wait(cd, &args.id, true).await?;
     }
     Ok(FenceReport {
         container_id: args.id.clone(),
@@ -95,8 +95,10 @@ pub async fn run(cd: &Containerd, args: &FenceArgs) -> Result<FenceReport> {
     })
 }
 
-/// SIGKILL to the task's processes, then waits (bounded) until it stopped.
-pub async fn kill_and_wait(cd: &Containerd, id: &str) -> Result<()> {
+/// SIGKILL to the task's processes (`all`: every process in its cgroup;
+/// else its init, which ends its PID namespace), then waits (bounded) until
+/// it stopped.
+pub async fn kill_and_wait(cd: &Containerd, id: &str, all: bool) -> Result<()> {
     const SIGKILL: u32 = 9;
     match cd
         .tasks()
@@ -104,7 +106,7 @@ pub async fn kill_and_wait(cd: &Containerd, id: &str) -> Result<()> {
             container_id: id.to_string(),
             exec_id: String::new(),
             signal: SIGKILL,
-            all: true,
+            all,
         }))
         .await
     {

@@ -5,13 +5,16 @@
 //! `io.containerd.runc.v2`. It completes the flows `ctr` 2.1 cannot do: a
 //! checkpoint with `--exit` or to an image path, then a restore from it.
 
+mod agent;
 mod checkpoint;
 mod client;
 mod fence;
 mod inspect;
+mod migrate;
 mod options;
 mod output;
 mod restore;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +62,13 @@ enum Command {
     /// deliveries and record in the checkpoint directory what it published
     /// since the cut, for the restore to suppress.
     Fence(fence::FenceArgs),
+    /// Move a running, tapped consumer to another containerd host while it
+    /// keeps serving (live migration: checkpoint, transfer, shadow restore
+    /// and catch-up, cutover at a fence, source stopped).
+    Migrate(migrate::MigrateArgs),
+    /// Receive migrated checkpoints over TCP and restore them on this
+    /// containerd (the target side of a migration).
+    Agent(agent::AgentArgs),
 }
 
 impl Command {
@@ -68,6 +78,8 @@ impl Command {
             Command::Restore(a) => a.json,
             Command::Inspect(a) => a.json,
             Command::Fence(a) => a.json,
+            Command::Migrate(a) => a.json,
+            Command::Agent(_) => false,
         }
     }
 
@@ -80,6 +92,8 @@ impl Command {
             }
             Command::Inspect(a) => format!("inspect of {} failed", a.dir.display()),
             Command::Fence(a) => format!("fence of container {} failed", a.id),
+            Command::Migrate(a) => format!("migration of container {} to {} failed", a.id, a.to),
+            Command::Agent(a) => format!("agent on {} failed", a.listen),
         }
     }
 }
@@ -113,6 +127,21 @@ async fn run(cli: &Cli) -> Result<()> {
             } else {
                 print!("{}", output::fence_text(&report));
             }
+        }
+        Command::Migrate(args) => {
+            let cd = Containerd::connect(&cli.address, &cli.namespace).await?;
+            let report = migrate::run(&cd, args).await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                print!("{}", migrate::text(&report));
+            }
+            if report.outcome != "migrated" && !json {
+                anyhow::bail!("{}", report.error.clone().unwrap_or_default());
+            }
+        }
+        Command::Agent(args) => {
+            agent::run(&cli.address, &cli.namespace, args).await?;
         }
         Command::Inspect(args) => {
             let report = inspect::run(args)?;

@@ -249,7 +249,8 @@ fn ms_since(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e6).round() / 1000.0
 }
 
-async fn delete_task(cd: &Containerd, id: &str) -> Result<()> {
+/// Deletes container `id`'s task; no task is not an error.
+pub async fn delete_task(cd: &Containerd, id: &str) -> Result<()> {
     match cd
         .tasks()
         .delete(cd.request(DeleteTaskRequest {
@@ -264,7 +265,7 @@ async fn delete_task(cd: &Containerd, id: &str) -> Result<()> {
 }
 
 /// Reads a whole blob from the content store.
-async fn read_blob(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
+pub async fn read_blob(cd: &Containerd, digest: &str) -> Result<Vec<u8>> {
     read_blob_range(cd, digest, 0, 0).await
 }
 
@@ -370,6 +371,117 @@ async fn resolve_reference(cd: &Containerd, name: &str) -> Result<Descriptor> {
     checkpoint_descriptor(&index).with_context(|| format!("image {name} ({})", target.media_type))
 }
 
+/// The task [`create_restored_task`] created and started.
+#[derive(Debug, Clone)]
+pub struct RestoredTask {
+    /// PID of the restored task (from Tasks.Start, else Tasks.Create).
+    pub pid: u32,
+    /// Wall time of Tasks.Create (CRIU's restore), ms.
+    pub create_ms: f64,
+    /// Wall time of Tasks.Start, ms.
+    pub start_ms: f64,
+    /// From Tasks.Create until the task runs, ms.
+    pub time_to_running_ms: f64,
+    /// Where stdout/stderr go (a `file://` URI).
+    pub log: String,
+    /// The stdin FIFO (nobody writes it: the task reads end-of-file).
+    pub stdin: PathBuf,
+}
+
+/// Gives `container` (which has no task) a new task restored from a
+/// checkpoint, and starts it: from the CRIU images in `image_dir` (runc
+/// `Options.criu_image_path`) or from `checkpoint`, a CRIU tarball in the
+/// content store. The task's options are the container's runc runtime
+/// options (binary, root, cgroup driver) plus the CRIU paths; CRIU works in
+/// `work_path` (which must exist), where the stdin FIFO is created too;
+/// stdout and stderr are appended to `log_file`. A task that was created but
+/// fails to start is deleted. Used by `ms2m restore` and `ms2m agent`.
+pub async fn create_restored_task(
+    cd: &Containerd,
+    container: &containerd_client::services::v1::Container,
+    image_dir: Option<&Path>,
+    checkpoint: Option<Descriptor>,
+    work_path: &Path,
+    log_file: &Path,
+) -> Result<RestoredTask> {
+    let id = container.id.as_str();
+    let runtime = container.runtime.as_ref();
+    let mut opts = runc_options_from(runtime.and_then(|r| r.options.as_ref()));
+    opts.criu_work_path = work_path.display().to_string();
+    if let Some(dir) = image_dir {
+        opts.criu_image_path = dir.display().to_string();
+    }
+
+    let rootfs: Vec<Mount> = if container.snapshot_key.is_empty() {
+        Vec::new()
+    } else {
+        cd.snapshots()
+            .mounts(cd.request(MountsRequest {
+                snapshotter: container.snapshotter.clone(),
+                key: container.snapshot_key.clone(),
+            }))
+            .await
+            .map_err(grpc("Snapshots.Mounts"))
+            .with_context(|| format!("cannot get the rootfs mounts of container {id}"))?
+            .into_inner()
+            .mounts
+    };
+
+    let log = log_uri(log_file);
+    let stdin = work_path.join(STDIN_FIFO);
+    make_stdin_fifo(&stdin)?;
+    let req = CreateTaskRequest {
+        container_id: id.to_string(),
+        rootfs,
+        stdin: stdin.display().to_string(),
+        stdout: log.clone(),
+        stderr: log.clone(),
+        terminal: false,
+        checkpoint,
+        options: Some(to_any(&opts, RUNC_OPTIONS_TYPE_URL)),
+        runtime_path: String::new(),
+    };
+    let t0 = Instant::now();
+    let created = cd
+        .tasks()
+        .create(cd.request(req))
+        .await
+        .map_err(grpc("Tasks.Create"))?
+        .into_inner();
+    let create_ms = ms_since(t0);
+    let t1 = Instant::now();
+    let started = match cd
+        .tasks()
+        .start(cd.request(StartRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        }))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            let err = grpc("Tasks.Start")(s);
+            // Do not leave a created-but-dead task behind.
+            let _ = delete_task(cd, id).await;
+            return Err(err);
+        }
+    };
+    let start_ms = ms_since(t1);
+    let time_to_running_ms = ms_since(t0);
+    Ok(RestoredTask {
+        pid: if started.pid != 0 {
+            started.pid
+        } else {
+            created.pid
+        },
+        create_ms,
+        start_ms,
+        time_to_running_ms,
+        log,
+        stdin,
+    })
+}
+
 /// Runs `ms2m restore`.
 pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
     let start = Instant::now();
@@ -411,7 +523,7 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
                         p.pid
                     );
                 }
-                crate::fence::kill_and_wait(cd, id)
+                crate::fence::kill_and_wait(cd, id, true)
                     .await
                     .with_context(|| format!("cannot kill the {status} task of container {id}"))?;
             }
@@ -441,74 +553,26 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
     std::fs::create_dir_all(&work_path)
         .with_context(|| format!("cannot create work directory {}", work_path.display()))?;
 
-    let mut opts = runc_options_from(runtime.and_then(|r| r.options.as_ref()));
-    opts.criu_work_path = work_path.display().to_string();
-    if let Source::Directory(dir) = &source {
-        opts.criu_image_path = dir.display().to_string();
-    }
-
-    let rootfs: Vec<Mount> = if container.snapshot_key.is_empty() {
-        Vec::new()
-    } else {
-        cd.snapshots()
-            .mounts(cd.request(MountsRequest {
-                snapshotter: container.snapshotter.clone(),
-                key: container.snapshot_key.clone(),
-            }))
-            .await
-            .map_err(grpc("Snapshots.Mounts"))
-            .with_context(|| format!("cannot get the rootfs mounts of container {id}"))?
-            .into_inner()
-            .mounts
-    };
-
     let log_file = match &args.log {
         Some(f) => absolute(f)?,
         None => PathBuf::from(DEFAULT_LOG),
     };
-    let log = log_uri(&log_file);
-    let stdin = work_path.join(STDIN_FIFO);
-    make_stdin_fifo(&stdin)?;
     let checkpoint_digest = checkpoint.as_ref().map(|d| d.digest.clone());
     let checkpoint_desc = checkpoint.clone();
-    let req = CreateTaskRequest {
-        container_id: id.to_string(),
-        rootfs,
-        stdin: stdin.display().to_string(),
-        stdout: log.clone(),
-        stderr: log.clone(),
-        terminal: false,
-        checkpoint,
-        options: Some(to_any(&opts, RUNC_OPTIONS_TYPE_URL)),
-        runtime_path: String::new(),
+    let image_dir = match &source {
+        Source::Directory(dir) => Some(dir.as_path()),
+        Source::Reference(_) => None,
     };
-    let t0 = Instant::now();
-    let created = cd
-        .tasks()
-        .create(cd.request(req))
-        .await
-        .map_err(grpc("Tasks.Create"))?
-        .into_inner();
-    let create_ms = ms_since(t0);
-    let t1 = Instant::now();
-    let started = match cd
-        .tasks()
-        .start(cd.request(StartRequest {
-            container_id: id.to_string(),
-            exec_id: String::new(),
-        }))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            let err = grpc("Tasks.Start")(s);
-            // Do not leave a created-but-dead task behind.
-            let _ = delete_task(cd, id).await;
-            return Err(err);
-        }
-    };
-    let start_ms = ms_since(t1);
-    let time_to_running_ms = ms_since(t0);
+    let task =
+        create_restored_task(cd, &container, image_dir, checkpoint, &work_path, &log_file).await?;
+    let RestoredTask {
+        pid,
+        create_ms,
+        start_ms,
+        time_to_running_ms,
+        log,
+        stdin,
+    } = task;
     let task_status = match client::get_task(cd, id).await? {
         Some(p) => client::status_name(p.status).to_string(),
         None => "deleted".to_string(),
@@ -572,11 +636,7 @@ pub async fn run(cd: &Containerd, args: &RestoreArgs) -> Result<RestoreReport> {
         work_path: work_path.display().to_string(),
         log,
         stdin: stdin.display().to_string(),
-        pid: if started.pid != 0 {
-            started.pid
-        } else {
-            created.pid
-        },
+        pid,
         task_status,
         create_ms,
         start_ms,

@@ -62,6 +62,9 @@ const SOURCE_TICK: Duration = Duration::from_millis(2);
 const SOURCE_HEARTBEAT: Duration = Duration::from_millis(100);
 /// How often the target reports its replay.
 const TARGET_TICK: Duration = Duration::from_millis(20);
+/// The target repeats an unchanged report this often (its liveness for
+/// `ms2m migrate`).
+const TARGET_HEARTBEAT: Duration = Duration::from_millis(250);
 /// How often the target checks for the end of its replay after the fence.
 const CUTOVER_TICK: Duration = Duration::from_micros(500);
 
@@ -468,6 +471,7 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
     let mut tick = tokio::time::interval(TARGET_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report: Option<(Positions, u64, u64)> = None;
+    let mut last_sent = Instant::now();
     loop {
         let msg = tokio::select! {
             r = rx.recv() => Some(r?),
@@ -551,7 +555,9 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             shared.counters.suppressed.load(Ordering::SeqCst),
             shared.counters.held_deliveries.load(Ordering::Relaxed),
         );
-        if fence.is_none() && last_report.as_ref() != Some(&report) {
+        if fence.is_none()
+            && (last_report.as_ref() != Some(&report) || last_sent.elapsed() >= TARGET_HEARTBEAT)
+        {
             let sig = Signal::TargetProgress {
                 next: report.0.clone(),
                 suppressed: report.1,
@@ -559,6 +565,7 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             };
             send(&tx, id, Role::Target, sig).await?;
             last_report = Some(report);
+            last_sent = Instant::now();
         }
     }
 }

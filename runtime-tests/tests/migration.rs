@@ -1,0 +1,298 @@
+//! Live migration (`ms2m migrate`) of tapped consumers from host A (ms2m's
+//! containerd) to host B (a second containerd in its own network namespace,
+//! `hack/host-b.sh`), on real containerd, runc, CRIU and RabbitMQ: the
+//! checkpoint crosses over TCP to B's agent, the target replays behind the
+//! source and goes live at the fence; the checker finds nothing lost or
+//! doubled, and the source's and target's state is exactly `1..=N`.
+
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use ms2m_runtime_tests::amqp::*;
+use ms2m_runtime_tests::host_b::*;
+use ms2m_runtime_tests::*;
+
+/// One migration test at a time talks to the broker and host B.
+static SERIAL: RwLock<()> = RwLock::new(());
+
+/// What the app inside the container uses: the tap on its own loopback.
+const APP_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
+/// The real broker, as host A's shim reaches it.
+const UPSTREAM: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn setup(name: &str, kind: QueueKind) -> (RwLockReadGuard<'static, ()>, TestDir, TestQueues) {
+    env();
+    rabbitmq_available();
+    require_host_b();
+    let lock = SERIAL.read().unwrap_or_else(|e| e.into_inner());
+    (lock, TestDir::new(name), TestQueues::new(name, kind))
+}
+
+/// A consumer on host A behind its tap.
+fn start_consumer(client: Client, q: &TestQueues, td: &TestDir, name: &str) -> Container {
+    let log = td.join(&format!("{name}.log"));
+    let net = [
+        format!("--annotation=io.ms2m.tap.upstream={UPSTREAM}"),
+        format!("--env=AMQP_URL={APP_URL}"),
+    ];
+    let c = Container::run(
+        &format!("mig-{name}"),
+        consumer_run_opts(client, q, name, &log, &net),
+    );
+    wait_consumer_connects(&c, 1, Duration::from_secs(30));
+    c
+}
+
+/// The migrated container on host B, removed at the end of the test.
+struct OnHostB(String);
+
+impl OnHostB {
+    fn status(&self) -> Option<String> {
+        let out = ctr_b(&["task", "ls"]);
+        out.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(self.0.as_str()))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    }
+
+    fn state(&self) -> Option<ConsumerState> {
+        let exec = unique_id("st");
+        let out = ctr_b(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &exec,
+            &self.0,
+            "cat",
+            STATE_FILE,
+        ]);
+        if out.success() {
+            ConsumerState::parse(&out.stdout)
+        } else {
+            None
+        }
+    }
+
+    fn exists(&self) -> bool {
+        ctr_b(&["containers", "ls", "-q"])
+            .stdout
+            .lines()
+            .any(|l| l.trim() == self.0)
+    }
+}
+
+impl Drop for OnHostB {
+    fn drop(&mut self) {
+        let _ = ctr_b(&["task", "kill", "-s", "SIGKILL", &self.0]);
+        for _ in 0..50 {
+            if ctr_b(&["task", "delete", &self.0]).success() || self.status().is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = ctr_b(&["containers", "delete", &self.0]);
+    }
+}
+
+fn migrate(id: &str, extra: &[&str]) -> (CmdOut, serde_json::Value) {
+    let mut args = vec!["migrate", "--json", "--to", HOST_B_AGENT];
+    args.extend_from_slice(extra);
+    args.push(id);
+    let out = ms2m(&args);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m migrate --json` did not print JSON ({e}): {out}"));
+    (out, v)
+}
+
+/// The largest gap between consecutive processing timestamps (over the
+/// source's and the target's results), ms.
+fn max_gap_ms(results: &[ResultMsg]) -> f64 {
+    let mut r = results.to_vec();
+    r.sort_by_key(|m| m.processed_at_us);
+    r.windows(2)
+        .map(|w| (w[1].processed_at_us - w[0].processed_at_us) as f64 / 1000.0)
+        .fold(0.0, f64::max)
+}
+
+fn migrate_under_load(client: Client, kind: QueueKind, name: &str, n: u64, rate: u64) {
+    let (_lock, td, q) = setup(name, kind);
+    let c = start_consumer(client, &q, &td, name);
+    let b = OnHostB(c.id.clone());
+    let producer = Producer::start(ProducerConfig::new(&q.queue, n, rate));
+    wait_consumer_count(&c, n / 5, Duration::from_secs(30));
+
+    let t0 = Instant::now();
+    let (out, v) = migrate(&c.id, &[]);
+    eprintln!("{name}: migrate took {:?}: {v}", t0.elapsed());
+    assert!(out.success() && v["outcome"] == "migrated", "{out}");
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        phases,
+        [
+            "checkpoint",
+            "transfer",
+            "restore",
+            "catch-up",
+            "cutover",
+            "source stopped"
+        ],
+        "{v}"
+    );
+    assert!(v["transfer_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{v}");
+    assert_eq!(v["fence_publishes"], v["target_suppressed"], "{v}");
+    // The source is stopped, the target runs on host B.
+    let st = c.status();
+    assert!(
+        st.is_none() || st.as_deref() == Some("STOPPED"),
+        "source task is {st:?}"
+    );
+    assert_eq!(b.status().as_deref(), Some("RUNNING"), "target on host B");
+
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, n);
+    let results = collect_results(&q.results, n as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!(
+        "{name}: {report}; largest processing gap {:.1} ms",
+        max_gap_ms(&results)
+    );
+    assert!(report.is_clean(), "{name}: {report}");
+    assert_eq!(results.len() as u64, n, "{name}: {report}");
+    let state = wait_until(
+        "the target's state",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || b.state().filter(|s| s.count >= n),
+    );
+    assert_eq!(state.count, n, "{state:?}");
+    assert_eq!(
+        state.digest,
+        digest_of(1..=n),
+        "target state is not 1..={n} in order: {state:?}"
+    );
+}
+
+#[test]
+fn lapin_stream_consumer_migrates_to_host_b() {
+    migrate_under_load(Client::Lapin, QueueKind::Stream, "lapin-stream", 1500, 300);
+}
+
+#[test]
+fn pika_stream_consumer_migrates_to_host_b() {
+    migrate_under_load(Client::Pika, QueueKind::Stream, "pika-stream", 1000, 200);
+}
+
+/// A failure after the transfer (the target's containerd killed before the
+/// restore can finish, or the target killed mid-replay) aborts: the target
+/// is removed, the source serves on, nothing lost or doubled.
+fn aborted_migration(name: &str, fault: impl FnOnce(&OnHostB) + Send + 'static) {
+    let (_lock, td, q) = setup(name, QueueKind::Stream);
+    let c = start_consumer(Client::Lapin, &q, &td, name);
+    let b = OnHostB(c.id.clone());
+    const N: u64 = 1200;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 200));
+    wait_consumer_count(&c, 150, Duration::from_secs(30));
+    let id = c.id.clone();
+    // Holds the target far behind: it can never catch up within the bound.
+    let runner =
+        std::thread::spawn(move || migrate(&id, &["--max-lag", "0", "--catch-up-timeout", "8s"]));
+    let hb = OnHostB(b.0.clone());
+    fault(&hb);
+    std::mem::forget(hb);
+    let (out, v) = runner.join().expect("migrate thread");
+    eprintln!("{name}: {v}");
+    assert!(out.success(), "an aborted migration still reports: {out}");
+    assert_eq!(v["outcome"], "aborted", "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    // The source serves on; the target is gone.
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    assert!(!b.exists(), "the target container is still on host B");
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!("{name}: {report}");
+    assert!(report.is_clean(), "{name}: {report}");
+    let state = wait_consumer_count(&c, N, Duration::from_secs(20));
+    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+}
+
+#[test]
+fn target_killed_mid_replay_aborts_and_the_source_serves_on() {
+    aborted_migration("kill-target", |b| {
+        let t0 = Instant::now();
+        while b.status().as_deref() != Some("RUNNING") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the target never ran on host B"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let out = ctr_b(&["task", "kill", "-s", "SIGKILL", &b.0]);
+        assert!(out.success(), "{out}");
+    });
+}
+
+#[test]
+fn ctrl_c_aborts_and_the_source_serves_on() {
+    let (_lock, td, q) = setup("ctrl-c", QueueKind::Stream);
+    let c = start_consumer(Client::Lapin, &q, &td, "ctrl-c");
+    let b = OnHostB(c.id.clone());
+    const N: u64 = 1000;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 200));
+    wait_consumer_count(&c, 150, Duration::from_secs(30));
+    let cli = ms2m_cli();
+    let env = env();
+    let child = std::process::Command::new(cli)
+        .args(["--address", &env.address, "--namespace", &env.namespace])
+        .args([
+            "migrate",
+            "--json",
+            "--max-lag",
+            "0",
+            "--catch-up-timeout",
+            "30s",
+            "--to",
+            HOST_B_AGENT,
+            &c.id,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ms2m migrate");
+    let pid = child.id().to_string();
+    let t0 = Instant::now();
+    while b.status().as_deref() != Some("RUNNING") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the target never ran on host B"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status();
+    assert!(kill.is_ok_and(|s| s.success()), "kill -INT {pid}");
+    let out = child.wait_with_output().expect("wait ms2m migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no JSON after Ctrl-C ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["outcome"], "aborted", "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("interrupted"),
+        "{v}"
+    );
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    assert!(!b.exists(), "the target container is still on host B");
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    assert!(report.is_clean(), "{report}");
+}
