@@ -61,6 +61,10 @@ pub struct MigrateArgs {
     /// Cut over once the target is at most this many messages behind.
     #[arg(long, default_value_t = 5)]
     pub max_lag: u64,
+    /// Keep the target in shadow (replaying behind the source) at least this
+    /// long before cutting over, e.g. to warm it up.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub min_catch_up: Duration,
     /// Give up (and abort) when the target has not caught up by then.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub catch_up_timeout: Duration,
@@ -635,7 +639,7 @@ async fn catch_up(args: &MigrateArgs, room: &mut Room, report: &mut MigrateRepor
             }
             last_print = Instant::now();
         }
-        if let Some(l) = lag {
+        if let Some(l) = lag.filter(|_| t0.elapsed() >= args.min_catch_up) {
             if l <= args.max_lag {
                 report.catch_up.final_lag = Some(l);
                 break Ok(());

@@ -176,6 +176,7 @@ impl Inner {
             let mut st = self.state.lock().await;
             let mut event = None;
             for (cid, c) in st.containers.iter_mut() {
+                let tap = c.tap.clone();
                 if let Some(p) = c.process_by_pid_mut(exit.pid) {
                     if p.starting {
                         p.deferred_exit = Some(exit.status);
@@ -183,6 +184,13 @@ impl Inner {
                     }
                     let info = p.set_exited(exit.status);
                     tracing::info!(id = %cid, exec_id = %p.exec_id, pid = exit.pid, status = exit.status, "process exited");
+                    if p.exec_id.is_empty() {
+                        if let Some(tap) = &tap {
+                            // A live migration's shadow tells the room at
+                            // once instead of reporting for a dead app.
+                            tap.container_exited();
+                        }
+                    }
                     event = Some(exit_event(cid, &p.exec_id, p.pid, info));
                     break;
                 }

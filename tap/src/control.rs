@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     /// The shadow of a live migration: stream deliveries at or past the
     /// gate are held (see [`crate::migration`]).
     pub gate: crate::migration::Gate,
+    /// The container's init process exited (see [`Tap::container_exited`]).
+    pub exited: AtomicBool,
     /// Fast-path flag: the gate is closed somewhere (false once live, and
     /// always for an ordinary tap).
     pub shadow_active: AtomicBool,
@@ -204,6 +206,7 @@ impl Tap {
             suppress_total: suppress_publishes,
             last_cut_ms: Mutex::new(None),
             shadow_active: AtomicBool::new(gate.is_some()),
+            exited: AtomicBool::new(false),
             gate: crate::migration::Gate::new(gate),
         });
         if let Some(shadow) = shadow {
@@ -408,6 +411,12 @@ impl Tap {
             quiesce: *quiesce,
             queues,
         }
+    }
+
+    /// The container's init process exited: a live migration's shadow
+    /// stops and tells the room (its app is gone); nothing else changes.
+    pub fn container_exited(&self) {
+        self.shared.exited.store(true, Ordering::SeqCst);
     }
 
     /// Publishes suppressed so far (see [`Resume::suppress_publishes`]).

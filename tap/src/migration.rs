@@ -528,6 +528,19 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             }
             continue;
         }
+        if shared.exited.load(Ordering::SeqCst) {
+            let reason = "the target container exited".to_string();
+            let _ = send(
+                &tx,
+                id,
+                Role::Target,
+                Signal::TargetFailed {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            return Err(TapError::Config(reason));
+        }
         let next = shared.ledger().stream_positions();
         if let Some((f, publishes)) = &fence {
             let caught_up = f.iter().all(|(q, &n)| next.get(q).is_some_and(|&t| t >= n));
