@@ -78,6 +78,12 @@ pub struct MigrateArgs {
     /// Keep the source's checkpoint directory.
     #[arg(long)]
     pub keep: bool,
+    /// Stop-and-copy instead of live migration (the baseline): an exit
+    /// checkpoint, the transfer, a restore on the target that resumes at
+    /// the cut. The consumer processes nothing from the checkpoint until
+    /// the target runs. On failure the source is restored where it was.
+    #[arg(long)]
+    pub stop_and_copy: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -142,6 +148,13 @@ pub struct MigrateReport {
     pub fence_to_live_ms: Option<f64>,
     /// Position (next stream offset per queue) where the target went live.
     pub live_at: Positions,
+    /// When the source's fence completed, µs since the Unix epoch.
+    pub fence_at_unix_us: Option<u64>,
+    /// When the target went live (stop-and-copy: was started), µs since
+    /// the Unix epoch.
+    pub live_at_unix_us: Option<u64>,
+    /// `live` or `stop-and-copy`.
+    pub mode: String,
     /// Wall time of the whole command, ms.
     pub total_ms: f64,
 }
@@ -291,6 +304,8 @@ fn advanced(from: &Positions, to: &Positions) -> u64 {
 struct Undo {
     source_started: bool,
     session: Option<TargetSession>,
+    /// Stop-and-copy after the exit checkpoint: restore the source from here.
+    restore_source_from: Option<PathBuf>,
 }
 
 /// A migration id for `id` now: the container id (sanitized) and the time.
@@ -355,6 +370,14 @@ pub async fn run(cd: &Containerd, args: &MigrateArgs) -> Result<MigrateReport> {
         target_suppressed: None,
         fence_to_live_ms: None,
         live_at: Positions::new(),
+        fence_at_unix_us: None,
+        live_at_unix_us: None,
+        mode: if args.stop_and_copy {
+            "stop-and-copy"
+        } else {
+            "live"
+        }
+        .into(),
         total_ms: 0.0,
     };
 
@@ -424,7 +447,9 @@ pub async fn run(cd: &Containerd, args: &MigrateArgs) -> Result<MigrateReport> {
             tl.end();
         }
     }
-    if !args.keep {
+    // A failed stop-and-copy keeps its checkpoint: it may be all that is
+    // left of the source if restoring it failed too.
+    if !args.keep && !(args.stop_and_copy && report.error.is_some()) {
         let _ = std::fs::remove_dir_all(&dir);
     }
     report.phases = tl.phases;
@@ -450,6 +475,15 @@ async fn abort(
     if let Some(s) = undo.session.take() {
         if let Err(e) = s.abort(reason).await {
             problems.push(format!("removing the target: {e:#}"));
+        }
+    }
+    if let Some(dir) = undo.restore_source_from.take() {
+        if let Err(e) = restore_source(cd, id, &dir).await {
+            problems.push(format!(
+                "restoring the source from {} (do it by hand: ms2m restore {id} {}): {e:#}",
+                dir.display(),
+                dir.display()
+            ));
         }
     }
     if undo.source_started {
@@ -491,7 +525,7 @@ async fn migrate(
     let ck = checkpoint::run(
         cd,
         &CheckpointArgs {
-            exit: false,
+            exit: args.stop_and_copy,
             image_path: Some(dir.to_path_buf()),
             work_path: None,
             tcp_established: false,
@@ -511,6 +545,11 @@ async fn migrate(
         .and_then(|b| b.get("captured_at_unix_ms"))
         .and_then(|v| v.as_u64())
         .ok_or_else(|| anyhow!("the checkpoint has no broker cut (is the tap running?)"))?;
+    if args.stop_and_copy {
+        // The source is stopped: from here on a failure restores it here.
+        undo.restore_source_from = Some(dir.to_path_buf());
+        return stop_and_copy(args, offer, dir, tl, report, undo).await;
+    }
     let ticket = Ticket::new(mid, id, cut_at);
     let ticket_file = dir.join(TICKET_FILE);
     std::fs::write(&ticket_file, serde_json::to_vec_pretty(&ticket)?)
@@ -572,8 +611,10 @@ async fn migrate(
     let (live_at, suppressed, live_us) = room.live.clone().unwrap_or_default();
     report.live_at = live_at;
     report.target_suppressed = Some(suppressed);
+    report.live_at_unix_us = Some(live_us);
     if let Some((publishes, fence_us)) = room.fence {
         report.fence_publishes = Some(publishes);
+        report.fence_at_unix_us = Some(fence_us);
         report.fence_to_live_ms = Some(live_us.saturating_sub(fence_us) as f64 / 1000.0);
     }
 
@@ -591,6 +632,58 @@ async fn migrate(
     stopped.context("stopping the source (the target is live: stop it by hand)")?;
     tl.end();
     Ok(())
+}
+
+/// The rest of a stop-and-copy move: transfer, restore on the target
+/// (resuming at the cut), done.
+async fn stop_and_copy(
+    args: &MigrateArgs,
+    offer: &Offer,
+    dir: &Path,
+    tl: &mut Timeline,
+    report: &mut MigrateReport,
+    undo: &mut Undo,
+) -> Result<()> {
+    tl.begin("transfer");
+    let mut session = TargetSession::connect(&args.to, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("connecting to the target agent {}", args.to))?;
+    let sent = session.send(offer, dir).await;
+    undo.session = Some(session);
+    let sent = sent.context("sending the checkpoint")?;
+    report.transfer_bytes = sent.bytes;
+    report.transfer_mib_per_s = sent.mib_per_s;
+    tl.begin("restore");
+    let session = undo.session.as_mut().ok_or_else(|| anyhow!("no session"))?;
+    session.restore().await.context("restoring on the target")?;
+    report.live_at_unix_us = Some(migration::unix_us());
+    undo.restore_source_from = None;
+    if let Some(s) = undo.session.take() {
+        s.commit()
+            .await
+            .context("confirming the target to its agent")?;
+    }
+    tl.end();
+    Ok(())
+}
+
+/// Gives the stopped source a task again from its exit checkpoint (a
+/// stop-and-copy that could not finish).
+async fn restore_source(cd: &Containerd, id: &str, dir: &Path) -> Result<()> {
+    let container = client::get_container(cd, id).await?;
+    let _ = crate::restore::delete_task(cd, id).await;
+    let work = dir.with_extension("restore-work");
+    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    crate::restore::create_restored_task(
+        cd,
+        &container,
+        Some(dir),
+        None,
+        &work,
+        &work.join("task.log"),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Follows the room until the target's lag is at most `--max-lag`, with a

@@ -115,6 +115,17 @@ fn max_gap_ms(results: &[ResultMsg]) -> f64 {
 }
 
 fn migrate_under_load(client: Client, kind: QueueKind, name: &str, n: u64, rate: u64) {
+    move_under_load(client, kind, name, n, rate, false)
+}
+
+fn move_under_load(
+    client: Client,
+    kind: QueueKind,
+    name: &str,
+    n: u64,
+    rate: u64,
+    stop_and_copy: bool,
+) {
     let (_lock, td, q) = setup(name, kind);
     let c = start_consumer(client, &q, &td, name);
     let b = OnHostB(c.id.clone());
@@ -122,27 +133,33 @@ fn migrate_under_load(client: Client, kind: QueueKind, name: &str, n: u64, rate:
     wait_consumer_count(&c, n / 5, Duration::from_secs(30));
 
     let t0 = Instant::now();
-    let (out, v) = migrate(&c.id, &[]);
+    let extra: &[&str] = if stop_and_copy {
+        &["--stop-and-copy"]
+    } else {
+        &[]
+    };
+    let (out, v) = migrate(&c.id, extra);
     eprintln!("{name}: migrate took {:?}: {v}", t0.elapsed());
     assert!(out.success() && v["outcome"] == "migrated", "{out}");
     let phases: Vec<&str> = v["phases"]
         .as_array()
         .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(
-        phases,
-        [
+    let want: &[&str] = if stop_and_copy {
+        &["checkpoint", "transfer", "restore"]
+    } else {
+        assert_eq!(v["fence_publishes"], v["target_suppressed"], "{v}");
+        &[
             "checkpoint",
             "transfer",
             "restore",
             "catch-up",
             "cutover",
-            "source stopped"
-        ],
-        "{v}"
-    );
+            "source stopped",
+        ]
+    };
+    assert_eq!(phases, want, "{v}");
     assert!(v["transfer_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{v}");
-    assert_eq!(v["fence_publishes"], v["target_suppressed"], "{v}");
     // The source is stopped, the target runs on host B.
     let st = c.status();
     assert!(
@@ -178,6 +195,18 @@ fn migrate_under_load(client: Client, kind: QueueKind, name: &str, n: u64, rate:
 #[test]
 fn lapin_stream_consumer_migrates_to_host_b() {
     migrate_under_load(Client::Lapin, QueueKind::Stream, "lapin-stream", 1500, 300);
+}
+
+#[test]
+fn lapin_stream_consumer_moves_to_host_b_by_stop_and_copy() {
+    move_under_load(
+        Client::Lapin,
+        QueueKind::Stream,
+        "lapin-sac",
+        1000,
+        300,
+        true,
+    );
 }
 
 #[test]
