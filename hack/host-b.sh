@@ -208,6 +208,33 @@ start_agent() {
     log "warning: the migration agent does not listen on $MS2M_HOSTB_AGENT (log: $MS2M_HOSTB_AGENT_LOG)"
 }
 
+# Host A's own agent (host network namespace, containerd A), so that a
+# container on B can migrate back to A (`ms2m --address B migrate --to A`).
+agent_a_pid() { pid_matching "$MS2M_HOSTA_AGENT_PIDFILE" "$MS2M_HOSTA_AGENT"; }
+agent_a_listens() { ss -Hltn "sport = :${MS2M_HOSTA_AGENT##*:}" 2>/dev/null | grep -qF "$MS2M_HOSTA_AGENT"; }
+start_agent_a() {
+    local pid; pid="$(agent_a_pid)"
+    if [ -n "$pid" ]; then log "agent A already running (pid $pid)"; return; fi
+    if ! command -v ms2m >/dev/null || ! ms2m agent --help >/dev/null 2>&1; then
+        log "the installed ms2m has no 'agent' subcommand: not starting agent A"
+        return
+    fi
+    mkdir -p "$MS2M_HOSTA_AGENT_DIR" "$(dirname "$MS2M_HOSTA_AGENT_PIDFILE")"
+    log "starting the migration agent of host A on $MS2M_HOSTA_AGENT (log: $MS2M_HOSTA_AGENT_LOG)"
+    nohup ms2m --address "$MS2M_CONTAINERD_ADDRESS" --namespace "$MS2M_NAMESPACE" agent \
+        --listen "$MS2M_HOSTA_AGENT" --dir "$MS2M_HOSTA_AGENT_DIR" \
+        --tap-upstream "$MS2M_HOSTA_TAP_UPSTREAM" --cgroup-parent /ms2m \
+        >>"$MS2M_HOSTA_AGENT_LOG" 2>&1 </dev/null &
+    echo $! > "$MS2M_HOSTA_AGENT_PIDFILE"
+    for _ in $(seq 1 100); do
+        if agent_a_listens; then log "agent A ready on $MS2M_HOSTA_AGENT"; return; fi
+        [ -n "$(agent_a_pid)" ] || break
+        sleep 0.1
+    done
+    tail -20 "$MS2M_HOSTA_AGENT_LOG" >&2 || true
+    log "warning: agent A does not listen on $MS2M_HOSTA_AGENT (log: $MS2M_HOSTA_AGENT_LOG)"
+}
+
 # stop_pid NAME PID: SIGTERM, up to 10 s, then SIGKILL.
 stop_pid() {
     local name="$1" pid="$2"
@@ -232,10 +259,13 @@ cmd_start() {
     import_image
     ensure_broker
     start_agent
+    start_agent_a
     log "host B up: containerd $MS2M_HOSTB_ADDRESS, netns $NS ($MS2M_HOSTB_IP), runc root $MS2M_HOSTB_RUNC_ROOT"
 }
 
 cmd_stop() {
+    stop_pid "agent A" "$(agent_a_pid)"
+    rm -f "$MS2M_HOSTA_AGENT_PIDFILE"
     stop_pid "agent B" "$(agent_pid)"
     rm -f "$MS2M_HOSTB_AGENT_PIDFILE"
     stop_pid "containerd B" "$(containerd_b_pid)"
@@ -264,6 +294,8 @@ cmd_status() {
     else
         echo "agent B    not running"
     fi
+    pid="$(agent_a_pid)"
+    echo "agent A    ${pid:+pid $pid, }$(agent_a_listens && echo "listening on $MS2M_HOSTA_AGENT" || echo "NOT listening on $MS2M_HOSTA_AGENT")"
     if netns_exists && broker_reachable; then
         echo "broker     reachable from B at $MS2M_HOSTB_HOST_IP:5672"
     else

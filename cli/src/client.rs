@@ -181,3 +181,46 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(Status::Unknown) | Err(_) => "unknown",
     }
 }
+
+/// Deletes container `id`'s (stopped) task, the container and its snapshot,
+/// as `ctr containers delete` does. What is already gone is not an error.
+pub async fn remove_stopped_container(cd: &Containerd, id: &str) -> Result<()> {
+    use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
+    use containerd_client::services::v1::{DeleteContainerRequest, DeleteTaskRequest};
+    let c = get_container(cd, id).await?;
+    match cd
+        .tasks()
+        .delete(cd.request(DeleteTaskRequest {
+            container_id: id.to_string(),
+        }))
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::NotFound => {}
+        Err(s) => return Err(grpc("Tasks.Delete")(s)),
+    }
+    match cd
+        .containers()
+        .delete(cd.request(DeleteContainerRequest { id: id.to_string() }))
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::NotFound => {}
+        Err(s) => return Err(grpc("Containers.Delete")(s)),
+    }
+    if !c.snapshot_key.is_empty() {
+        match cd
+            .snapshots()
+            .remove(cd.request(RemoveSnapshotRequest {
+                snapshotter: c.snapshotter.clone(),
+                key: c.snapshot_key.clone(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(grpc("Snapshots.Remove")(s)),
+        }
+    }
+    Ok(())
+}

@@ -78,6 +78,10 @@ pub struct MigrateArgs {
     /// Keep the source's checkpoint directory.
     #[arg(long)]
     pub keep: bool,
+    /// Keep the stopped source container (by default its task, the
+    /// container and its snapshot are removed once the target runs).
+    #[arg(long)]
+    pub keep_source: bool,
     /// Stop-and-copy instead of live migration (the baseline): an exit
     /// checkpoint, the transfer, a restore on the target that resumes at
     /// the cut. The consumer processes nothing from the checkpoint until
@@ -449,7 +453,7 @@ pub async fn run(cd: &Containerd, args: &MigrateArgs) -> Result<MigrateReport> {
     }
     // A failed stop-and-copy keeps its checkpoint: it may be all that is
     // left of the source if restoring it failed too.
-    if !args.keep && !(args.stop_and_copy && report.error.is_some()) {
+    if !(args.keep || args.stop_and_copy && report.error.is_some()) {
         let _ = std::fs::remove_dir_all(&dir);
     }
     report.phases = tl.phases;
@@ -548,7 +552,7 @@ async fn migrate(
     if args.stop_and_copy {
         // The source is stopped: from here on a failure restores it here.
         undo.restore_source_from = Some(dir.to_path_buf());
-        return stop_and_copy(args, offer, dir, tl, report, undo).await;
+        return stop_and_copy(cd, args, offer, dir, tl, report, undo).await;
     }
     let ticket = Ticket::new(mid, id, cut_at);
     let ticket_file = dir.join(TICKET_FILE);
@@ -630,6 +634,11 @@ async fn migrate(
             .context("confirming the target to its agent")?;
     }
     stopped.context("stopping the source (the target is live: stop it by hand)")?;
+    if !args.keep_source {
+        client::remove_stopped_container(cd, id)
+            .await
+            .context("removing the stopped source container (the target is live)")?;
+    }
     tl.end();
     Ok(())
 }
@@ -637,6 +646,7 @@ async fn migrate(
 /// The rest of a stop-and-copy move: transfer, restore on the target
 /// (resuming at the cut), done.
 async fn stop_and_copy(
+    cd: &Containerd,
     args: &MigrateArgs,
     offer: &Offer,
     dir: &Path,
@@ -662,6 +672,11 @@ async fn stop_and_copy(
         s.commit()
             .await
             .context("confirming the target to its agent")?;
+    }
+    if !args.keep_source {
+        client::remove_stopped_container(cd, &args.id)
+            .await
+            .context("removing the stopped source container (the target runs)")?;
     }
     tl.end();
     Ok(())
