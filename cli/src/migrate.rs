@@ -549,6 +549,30 @@ async fn migrate(
         .and_then(|b| b.get("captured_at_unix_ms"))
         .and_then(|v| v.as_u64())
         .ok_or_else(|| anyhow!("the checkpoint has no broker cut (is the tap running?)"))?;
+    if !args.stop_and_copy {
+        // Live migration replays what the source processed after the cut;
+        // a classic queue keeps nothing the source acked.
+        let classic: Vec<String> = ck
+            .manifest
+            .as_ref()
+            .and_then(|m| m.extensions.get("broker"))
+            .and_then(|b| b.get("queues"))
+            .and_then(|q| q.as_array())
+            .map(|qs| {
+                qs.iter()
+                    .filter(|q| q.get("kind").and_then(|k| k.as_str()) == Some("classic"))
+                    .filter_map(|q| q.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !classic.is_empty() {
+            bail!(
+                "container {id} consumes classic queue(s) {classic:?}: live migration replays \
+                 only RabbitMQ streams (a classic queue keeps nothing the source acked after \
+                 the cut); move it with --stop-and-copy. The source keeps serving."
+            );
+        }
+    }
     if args.stop_and_copy {
         // The source is stopped: from here on a failure restores it here.
         undo.restore_source_from = Some(dir.to_path_buf());

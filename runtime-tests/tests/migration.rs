@@ -401,3 +401,43 @@ fn broker_restart_during_catch_up_aborts_and_the_source_serves_on() {
     let state = wait_consumer_count(&c, 800, Duration::from_secs(20));
     assert_eq!(state.digest, digest_of(1..=800), "{state:?}");
 }
+
+/// Live migration of a classic-queue consumer is refused after the
+/// checkpoint (the source serves on); `--stop-and-copy` moves it exactly.
+#[test]
+fn classic_consumer_live_refused_then_moved_by_stop_and_copy() {
+    let (_lock, td, q) = setup("classic", QueueKind::Classic);
+    let c = start_consumer(Client::Lapin, &q, &td, "classic");
+    let b = OnHostB(c.id.clone());
+    const N: u64 = 1000;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer_count(&c, 100, Duration::from_secs(30));
+    let (out, v) = migrate(&c.id, &[]);
+    assert!(out.success(), "{out}");
+    assert_eq!(v["outcome"], "aborted", "{v}");
+    let err = v["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("classic") && err.contains("--stop-and-copy"),
+        "{v}"
+    );
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+    assert!(!b.exists());
+    let n = consumer_state(&c).map(|s| s.count).unwrap_or(0);
+    wait_consumer_count(&c, n + 20, Duration::from_secs(10));
+    let (out, v) = migrate(&c.id, &["--stop-and-copy"]);
+    assert!(out.success() && v["outcome"] == "migrated", "{out}");
+    assert_eq!(b.status().as_deref(), Some("RUNNING"));
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!("classic: {report}");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(results.len() as u64, N, "{report}");
+    let state = wait_until(
+        "the target's state",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || b.state().filter(|s| s.count >= N),
+    );
+    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+}

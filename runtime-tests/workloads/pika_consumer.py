@@ -21,7 +21,10 @@ Configuration (arguments --name value, or the environment): AMQP_URL
 (default amqp://guest:guest@localhost:5672/%2f), QUEUE (required), QUEUE_TYPE
 classic|stream, STREAM_OFFSET (next|first|last|N, default next), PREFETCH
 (default 50), RESULTS_QUEUE (default <QUEUE>.results), CONSUMER_NAME (default
-the hostname), STATE_FILE (default /tmp/consumer-state).
+the hostname), STATE_FILE (default /tmp/consumer-state), WORK_US (default 0):
+simulated work, the consumer sleeps that many microseconds per message after
+computing its new state and before publishing the result (so processed_at_us
+is taken after the work).
 
 In ms2m's test image (busybox) it runs with the host's /usr bind-mounted:
   ctr run --mount type=bind,src=/usr,dst=/usr,options=rbind:ro ... \
@@ -43,7 +46,7 @@ FNV_PRIME = 0x100000001B3
 MASK = (1 << 64) - 1
 
 KNOWN = ("AMQP_URL", "QUEUE", "QUEUE_TYPE", "STREAM_OFFSET", "PREFETCH",
-         "RESULTS_QUEUE", "CONSUMER_NAME", "STATE_FILE")
+         "RESULTS_QUEUE", "CONSUMER_NAME", "STATE_FILE", "WORK_US")
 
 
 def now_us():
@@ -98,6 +101,12 @@ def load_config(argv):
         prefetch = int(get("PREFETCH", "50"))
     except ValueError:
         sys.exit("pika_consumer: PREFETCH must be a number")
+    try:
+        work_us = int(get("WORK_US", "0"))
+    except ValueError:
+        sys.exit("pika_consumer: WORK_US must be a number of microseconds")
+    if work_us < 0:
+        sys.exit("pika_consumer: WORK_US must not be negative")
     return {
         "url": get("AMQP_URL", "amqp://guest:guest@localhost:5672/%2f"),
         "queue": queue,
@@ -107,6 +116,7 @@ def load_config(argv):
         "results": get("RESULTS_QUEUE", queue + ".results"),
         "name": get("CONSUMER_NAME", socket.gethostname() or "pika-consumer"),
         "state_file": get("STATE_FILE", "/tmp/consumer-state"),
+        "work_us": work_us,
     }
 
 
@@ -208,6 +218,8 @@ class Consumer:
                     log("first delivery on this connection: seq=%d redelivered=%s offset=%s"
                         % (seq, method.redelivered, offset))
                 nxt = self.state.after(seq)
+                if cfg["work_us"]:
+                    time.sleep(cfg["work_us"] / 1e6)
                 result = json.dumps({
                     "consumer": cfg["name"], "seq": seq, "count": nxt.count,
                     "digest": "%016x" % nxt.digest, "processed_at_us": now_us(),

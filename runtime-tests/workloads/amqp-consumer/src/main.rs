@@ -23,7 +23,11 @@
 //! `STREAM_OFFSET` (`next`, `first`, `last` or a number; default `next`),
 //! `PREFETCH` (default 50), `RESULTS_QUEUE` (default `<QUEUE>.results`),
 //! `CONSUMER_NAME` (default the hostname), `STATE_FILE` (default
-//! `/tmp/consumer-state`).
+//! `/tmp/consumer-state`), `WORK_US` (default 0): simulated work, the
+//! consumer sleeps (blocking, `std::thread::sleep`) that many microseconds
+//! per message after updating its state and before publishing the result,
+//! so `processed_at_us` is taken after the work; with `WORK_US=1000` and one
+//! message at a time it processes at most ~1,000 msg/s.
 
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -38,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const USAGE: &str =
     "usage: amqp-consumer [--amqp-url URL] --queue NAME [--queue-type classic|stream] \
 [--stream-offset next|first|last|N] [--prefetch N] [--results-queue NAME] [--consumer-name NAME] \
-[--state-file PATH]   (each also from the environment: AMQP_URL, QUEUE, QUEUE_TYPE, ...)";
+[--state-file PATH] [--work-us N]   (each also from the environment: AMQP_URL, QUEUE, QUEUE_TYPE, ...)";
 
 /// FNV-1a 64-bit offset basis: the digest of the empty sequence.
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -66,6 +70,8 @@ struct Config {
     results_queue: String,
     name: String,
     state_file: PathBuf,
+    /// Simulated work per message, µs (0: none).
+    work_us: u64,
 }
 
 impl Config {
@@ -90,7 +96,7 @@ impl Config {
             };
             given.push((name.replace('-', "_").to_ascii_uppercase(), value));
         }
-        const KNOWN: [&str; 8] = [
+        const KNOWN: [&str; 9] = [
             "AMQP_URL",
             "QUEUE",
             "QUEUE_TYPE",
@@ -99,6 +105,7 @@ impl Config {
             "RESULTS_QUEUE",
             "CONSUMER_NAME",
             "STATE_FILE",
+            "WORK_US",
         ];
         if let Some((n, _)) = given.iter().find(|(n, _)| !KNOWN.contains(&n.as_str())) {
             return Err(format!(
@@ -132,6 +139,12 @@ impl Config {
                 .parse()
                 .map_err(|e| format!("PREFETCH {p:?} is not a number 0..65535: {e}"))?,
         };
+        let work_us = match get("WORK_US") {
+            None => 0,
+            Some(w) => w
+                .parse()
+                .map_err(|e| format!("WORK_US {w:?} is not a number of microseconds: {e}"))?,
+        };
         let name = get("CONSUMER_NAME")
             .or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
@@ -149,6 +162,7 @@ impl Config {
             offset,
             prefetch,
             name,
+            work_us,
             state_file: PathBuf::from(
                 get("STATE_FILE").unwrap_or_else(|| "/tmp/consumer-state".to_string()),
             ),
@@ -391,6 +405,11 @@ async fn consume(cfg: &Config, conn: &Connection, state: &mut State) -> Result<E
             ));
         }
         let next = state.after(seq);
+        if cfg.work_us > 0 {
+            // The simulated work blocks the (single-threaded) consumer, as
+            // real CPU work would.
+            std::thread::sleep(Duration::from_micros(cfg.work_us));
+        }
         let result = serde_json::json!({
             "consumer": cfg.name,
             "seq": seq,
