@@ -58,6 +58,15 @@ fn main() -> ExitCode {
             let got = collect_results(results, produced.len(), Duration::from_secs(30));
             let report = Checker::new(produced).check(&got);
             println!("checker: {report}");
+            // The consumer's own processing timestamps: the longest it
+            // processed nothing while messages were waiting.
+            let mut at: Vec<u64> = got.iter().map(|r| r.processed_at_us).collect();
+            at.sort_unstable();
+            let gap = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            println!(
+                "largest gap between two processed messages: {:.1} ms",
+                gap as f64 / 1000.0
+            );
             if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
