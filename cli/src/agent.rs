@@ -319,37 +319,7 @@ pub fn pick_manifest(index: &serde_json::Value) -> Result<String> {
 /// it cannot reach the source container when both share a kernel (and,
 /// after a restore, possibly a cgroup).
 async fn kill_init_and_wait(cd: &Containerd, id: &str) -> Result<()> {
-    use containerd_client::services::v1::{KillRequest, WaitRequest};
-    const SIGKILL: u32 = 9;
-    const KILL_WAIT: Duration = Duration::from_secs(15);
-    match cd
-        .tasks()
-        .kill(cd.request(KillRequest {
-            container_id: id.to_string(),
-            exec_id: String::new(),
-            signal: SIGKILL,
-            all: false,
-        }))
-        .await
-    {
-        Ok(_) => {}
-        Err(st) if st.code() == Code::NotFound => return Ok(()),
-        Err(st) => return Err(grpc("Tasks.Kill")(st)),
-    }
-    let mut tasks = cd.tasks();
-    let wait = tasks.wait(cd.request(WaitRequest {
-        container_id: id.to_string(),
-        exec_id: String::new(),
-    }));
-    match tokio::time::timeout(KILL_WAIT, wait).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(st)) if st.code() == Code::NotFound => Ok(()),
-        Ok(Err(st)) => Err(grpc("Tasks.Wait")(st)),
-        Err(_) => bail!(
-            "the killed task did not stop within {}s",
-            KILL_WAIT.as_secs()
-        ),
-    }
+    crate::fence::kill_and_wait(cd, id, false).await
 }
 
 impl Agent {

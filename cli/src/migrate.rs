@@ -594,19 +594,7 @@ async fn migrate(
     .context("starting the source's part")?;
     undo.source_started = true;
 
-    tl.begin("transfer");
-    let mut session = TargetSession::connect(&args.to, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("connecting to the target agent {}", args.to))?;
-    let sent = session.send(offer, dir).await;
-    undo.session = Some(session);
-    let sent = sent.context("sending the checkpoint")?;
-    report.transfer_bytes = sent.bytes;
-    report.transfer_mib_per_s = sent.mib_per_s;
-
-    tl.begin("restore");
-    let session = undo.session.as_mut().ok_or_else(|| anyhow!("no session"))?;
-    session.restore().await.context("restoring on the target")?;
+    transfer_and_restore(args, offer, dir, tl, report, undo).await?;
 
     tl.begin("catch-up");
     catch_up(args, room, report).await?;
@@ -678,18 +666,7 @@ async fn stop_and_copy(
     report: &mut MigrateReport,
     undo: &mut Undo,
 ) -> Result<()> {
-    tl.begin("transfer");
-    let mut session = TargetSession::connect(&args.to, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("connecting to the target agent {}", args.to))?;
-    let sent = session.send(offer, dir).await;
-    undo.session = Some(session);
-    let sent = sent.context("sending the checkpoint")?;
-    report.transfer_bytes = sent.bytes;
-    report.transfer_mib_per_s = sent.mib_per_s;
-    tl.begin("restore");
-    let session = undo.session.as_mut().ok_or_else(|| anyhow!("no session"))?;
-    session.restore().await.context("restoring on the target")?;
+    transfer_and_restore(args, offer, dir, tl, report, undo).await?;
     report.live_at_unix_us = Some(migration::unix_us());
     undo.restore_source_from = None;
     if let Some(s) = undo.session.take() {
@@ -703,6 +680,33 @@ async fn stop_and_copy(
             .context("removing the stopped source container (the target runs)")?;
     }
     tl.end();
+    Ok(())
+}
+
+/// The transfer and restore phases (both kinds of move): the checkpoint to
+/// the target's agent, checked there, then a task restored from it. The
+/// session goes into `undo` as soon as it exists, so an abort removes
+/// whatever the agent made.
+async fn transfer_and_restore(
+    args: &MigrateArgs,
+    offer: &Offer,
+    dir: &Path,
+    tl: &mut Timeline,
+    report: &mut MigrateReport,
+    undo: &mut Undo,
+) -> Result<()> {
+    tl.begin("transfer");
+    let mut session = TargetSession::connect(&args.to, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("connecting to the target agent {}", args.to))?;
+    let sent = session.send(offer, dir).await;
+    undo.session = Some(session);
+    let sent = sent.context("sending the checkpoint")?;
+    report.transfer_bytes = sent.bytes;
+    report.transfer_mib_per_s = sent.mib_per_s;
+    tl.begin("restore");
+    let session = undo.session.as_mut().ok_or_else(|| anyhow!("no session"))?;
+    session.restore().await.context("restoring on the target")?;
     Ok(())
 }
 

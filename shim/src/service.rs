@@ -938,19 +938,7 @@ impl Inner {
         // No checkpoint may move the cut or release the hold meanwhile.
         let op = self.op_lock(id).await?;
         let _op = op.lock().await;
-        let (tap, config) = {
-            let st = self.state.lock().await;
-            let c = st.get(id)?;
-            match (c.tap.clone(), c.tap_config.clone()) {
-                (Some(t), Some(tc)) => (t, tc),
-                _ => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "fence of container {id}: it has no AMQP tap ({})",
-                        crate::config::TAP_UPSTREAM_ANNOTATION
-                    )))
-                }
-            }
-        };
+        let (tap, config) = self.tap_of(id, "fence").await?;
         let file = crate::broker::fence(id, &tap, &config, Path::new(&req.image_path)).await?;
         if let Ok(c) = self.state.lock().await.get_mut(id) {
             c.fence_file = Some(file);
@@ -969,19 +957,7 @@ impl Inner {
         // No checkpoint may move the cut or release the hold meanwhile.
         let op = self.op_lock(id).await?;
         let _op = op.lock().await;
-        let (tap, config) = {
-            let st = self.state.lock().await;
-            let c = st.get(id)?;
-            match (c.tap.clone(), c.tap_config.clone()) {
-                (Some(t), Some(tc)) => (t, tc),
-                _ => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "migration of container {id}: it has no AMQP tap ({})",
-                        crate::config::TAP_UPSTREAM_ANNOTATION
-                    )))
-                }
-            }
-        };
+        let (tap, config) = self.tap_of(id, "migration").await?;
         let op_name = match &req {
             MigrateRequest::Start { .. } => "start",
             MigrateRequest::Cutover { .. } => "cutover",
@@ -1046,6 +1022,20 @@ impl Inner {
             "migrate done"
         );
         r
+    }
+
+    /// The container's running tap and its configuration; `what` (the
+    /// operation) names the error when it has none.
+    async fn tap_of(&self, id: &str, what: &str) -> Result<(ms2m_tap::Tap, ms2m_tap::TapConfig)> {
+        let st = self.state.lock().await;
+        let c = st.get(id)?;
+        match (c.tap.clone(), c.tap_config.clone()) {
+            (Some(t), Some(tc)) => Ok((t, tc)),
+            _ => Err(Error::FailedPrecondition(format!(
+                "{what} of container {id}: it has no AMQP tap ({})",
+                crate::config::TAP_UPSTREAM_ANNOTATION
+            ))),
+        }
     }
 
     /// The container's migration link, checked against `migration_id`.

@@ -498,20 +498,15 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
                     );
                     if r.is_err() {
                         let done = shared.counters.suppressed.load(Ordering::SeqCst);
-                        let reason = format!(
-                            "the target suppressed {done} publishes, more than the {publishes} \
-                             the source made: the app is not deterministic"
-                        );
-                        let _ = send(
+                        return fail(
                             &tx,
                             id,
-                            Role::Target,
-                            Signal::TargetFailed {
-                                reason: reason.clone(),
-                            },
+                            format!(
+                                "the target suppressed {done} publishes, more than the \
+                                 {publishes} the source made: the app is not deterministic"
+                            ),
                         )
                         .await;
-                        return Err(TapError::Config(reason));
                     }
                     shared.gate.raise(&next);
                     wake(shared);
@@ -529,17 +524,7 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             continue;
         }
         if shared.exited.load(Ordering::SeqCst) {
-            let reason = "the target container exited".to_string();
-            let _ = send(
-                &tx,
-                id,
-                Role::Target,
-                Signal::TargetFailed {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-            return Err(TapError::Config(reason));
+            return fail(&tx, id, "the target container exited".into()).await;
         }
         let next = shared.ledger().stream_positions();
         if let Some((f, publishes)) = &fence {
@@ -581,6 +566,16 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             last_sent = Instant::now();
         }
     }
+}
+
+/// Tells the room the target cannot go live (it stays held), and returns
+/// that as the error.
+async fn fail(tx: &LinkSender, id: &str, reason: String) -> Result<(), TapError> {
+    let sig = Signal::TargetFailed {
+        reason: reason.clone(),
+    };
+    let _ = send(tx, id, Role::Target, sig).await;
+    Err(TapError::Config(reason))
 }
 
 /// Opens the gate and stops suppressing: deliveries past the fence flow.

@@ -485,45 +485,43 @@ impl Pair<'_> {
             // The mode is read fresh (not only on change notifications) so a
             // quiesce or release takes effect from the next batch on.
             let now = *mode.borrow();
-            if now == Mode::Open
-                && !held_channels.is_empty()
-                && self.shared.shadow_active.load(Ordering::SeqCst)
-            {
-                // A shadow's gate moved (or a quiesce ended): forward what
-                // it lets through now.
-                self.release_gated(
-                    &mut held,
-                    &mut held_deliveries,
-                    &mut held_channels,
-                    &mut held_count,
-                    &pending,
-                    &mut out,
-                );
-                if !out.is_empty() {
-                    cw.write_all(&out).await.map_err(|err| PairError::Io {
-                        side: "client",
-                        err,
-                    })?;
-                    out.clear();
-                }
-            } else if now == Mode::Open && !held_channels.is_empty() {
-                // Release: record and forward what was held, in order.
-                held_count.clear();
-                {
-                    let mut ledger = self.shared.ledger();
-                    for d in held_deliveries.drain(..) {
-                        ledger.record_delivery(self.id, d);
+            if now == Mode::Open && !held_channels.is_empty() {
+                if self.shared.shadow_active.load(Ordering::SeqCst) {
+                    // A shadow's gate moved (or a quiesce ended): forward
+                    // what it lets through now.
+                    self.release_gated(
+                        &mut held,
+                        &mut held_deliveries,
+                        &mut held_channels,
+                        &mut held_count,
+                        &pending,
+                        &mut out,
+                    );
+                } else {
+                    // Release: record and forward what was held, in order.
+                    held_count.clear();
+                    {
+                        let mut ledger = self.shared.ledger();
+                        for d in held_deliveries.drain(..) {
+                            ledger.record_delivery(self.id, d);
+                        }
+                    }
+                    held_channels.clear();
+                    for p in pending.values_mut() {
+                        p.held = false;
+                    }
+                    for (_, b) in held.drain(..) {
+                        out.extend_from_slice(&b);
                     }
                 }
-                held_channels.clear();
-                for p in pending.values_mut() {
-                    p.held = false;
-                }
-                let bytes: Vec<u8> = held.drain(..).flat_map(|(_, b)| b).collect();
-                cw.write_all(&bytes).await.map_err(|err| PairError::Io {
+            }
+            // What a release or an injected frame put out.
+            if !out.is_empty() {
+                cw.write_all(&out).await.map_err(|err| PairError::Io {
                     side: "client",
                     err,
                 })?;
+                out.clear();
             }
             let n = match read_or_mode(&mut ur, &mut reader, &mut mode, Some(&mut inject), side)
                 .await?
@@ -541,26 +539,7 @@ impl Pair<'_> {
                             place(ch, bytes, &held_channels, &mut held, &mut out);
                         }
                     }
-                    if *mode.borrow() == Mode::Open
-                        && !held_channels.is_empty()
-                        && self.shared.shadow_active.load(Ordering::SeqCst)
-                    {
-                        self.release_gated(
-                            &mut held,
-                            &mut held_deliveries,
-                            &mut held_channels,
-                            &mut held_count,
-                            &pending,
-                            &mut out,
-                        );
-                    }
-                    if !out.is_empty() {
-                        cw.write_all(&out).await.map_err(|err| PairError::Io {
-                            side: "client",
-                            err,
-                        })?;
-                        out.clear();
-                    }
+                    // Written (after a shadow's gated release) at the top.
                     continue;
                 }
                 Wake::Read(n) => n,
