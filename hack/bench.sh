@@ -6,10 +6,15 @@
 #   hack/bench.sh                      full run (5 runs per figure and runtime)
 #   BENCH_RUNS=3 hack/bench.sh         quicker run
 #
-# It runs three suites (BENCH_SUITES, default "shims lazy broker"):
-#   shims   bench.py: ms2m against containerd-shim-runc-v2 (issues 2 and 3)
-#   lazy    bench-lazy.py: restore to running, lazy against eager, 256 MiB to 1 GiB (issue 3)
-#   broker  bench-broker.sh: the AMQP tap and the broker cut (issue 4; needs RabbitMQ)
+# It runs these suites (BENCH_SUITES, default "shims lazy broker"):
+#   shims      bench.py: ms2m against containerd-shim-runc-v2 (issues 2 and 3)
+#   lazy       bench-lazy.py: restore to running, lazy against eager, 256 MiB to 1 GiB (issue 3)
+#   broker     bench-broker.sh: the AMQP tap and the broker cut (issue 4; needs RabbitMQ)
+#   migration  bench-migration.sh: live migration to host B against stop-and-copy
+#              (issue 8; needs RabbitMQ and host B: hack/host-b.sh start; not in
+#              the default set: BENCH_SUITES=migration hack/bench.sh). Its knobs:
+#              BENCH_RUNS, BENCH_MIGRATIONS=50 (ping-pong moves per client),
+#              BENCH_MIGRATION_FIGURES, see hack/bench-migration.sh
 #
 # Knobs (environment):
 #   BENCH_RUNS=5              runs per (figure, size, runtime)
@@ -98,4 +103,5 @@ rc=0
 case " $BENCH_SUITES " in *" shims "*) python3 "$HERE/bench.py" || rc=$? ;; esac
 case " $BENCH_SUITES " in *" lazy "*) python3 "$HERE/bench-lazy.py" || rc=$? ;; esac
 case " $BENCH_SUITES " in *" broker "*) "$HERE/bench-broker.sh" || rc=$? ;; esac
+case " $BENCH_SUITES " in *" migration "*) "$HERE/bench-migration.sh" || rc=$? ;; esac
 exit "$rc"

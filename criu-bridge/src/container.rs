@@ -435,6 +435,16 @@ impl RuncContainer {
             .filter(|p| !p.as_os_str().is_empty())
     }
 
+    /// Every cgroup runc made for the container: (controller, host path);
+    /// the v2 (or hybrid unified) cgroup has controller `""`.
+    pub fn cgroup_paths(&self) -> impl Iterator<Item = (&str, &Path)> {
+        self.state
+            .cgroup_paths
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(c, p)| (c.as_str(), Path::new(p)))
+    }
+
     /// The freezer cgroup: v1 `freezer`, else the v2 cgroup.
     pub fn freezer_cgroup(&self) -> Option<&Path> {
         self.cgroup_path("freezer").or_else(|| self.cgroup_path(""))

@@ -441,3 +441,60 @@ fn classic_consumer_live_refused_then_moved_by_stop_and_copy() {
     );
     assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
 }
+
+/// Host A's agent (hack/host-b.sh starts it beside host B's).
+const HOST_A_AGENT: &str = "10.88.0.1:7101";
+
+/// A consumer moves A → B → A → B under load (the second move runs
+/// `ms2m migrate` on host B, inside its namespaces): each restored task
+/// lives in its own host's cgroups, so the next checkpoint freezes it.
+#[test]
+fn stream_consumer_migrates_back_and_forth() {
+    let (_lock, td, q) = setup("pingpong", QueueKind::Stream);
+    let c = start_consumer(Client::Lapin, &q, &td, "pingpong");
+    let b = OnHostB(c.id.clone());
+    const N: u64 = 2000;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer_count(&c, 100, Duration::from_secs(30));
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let (out, v) = if round % 2 == 0 {
+            migrate(&c.id, &[])
+        } else {
+            let out = netns_exec(&[
+                "ms2m",
+                "--address",
+                HOST_B_ADDRESS,
+                "--namespace",
+                "ms2m",
+                "migrate",
+                "--json",
+                "--to",
+                HOST_A_AGENT,
+                &c.id,
+            ]);
+            let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+                .unwrap_or_else(|e| panic!("migrate on host B did not print JSON ({e}): {out}"));
+            (out, v)
+        };
+        eprintln!("pingpong round {round}: {v}");
+        assert!(
+            out.success() && v["outcome"] == "migrated",
+            "round {round}: {out}"
+        );
+    }
+    assert_eq!(b.status().as_deref(), Some("RUNNING"), "after A→B→A→B");
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!("pingpong: {report}");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(results.len() as u64, N, "{report}");
+    let state = wait_until(
+        "the final target's state",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || b.state().filter(|s| s.count >= N),
+    );
+    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+}

@@ -251,6 +251,7 @@ pub async fn restore(
         io
     };
     let pid = read_pid(&pid_file)?;
+    adopt_cgroups(target.runc.root(), id, pid);
     let running_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(id, pid, lazy, elapsed_ms = running_ms, "restored: running");
 
@@ -312,5 +313,67 @@ fn with_log(e: Error, work: &Path) -> Error {
             Error::Internal(format!("{e}{errors}; CRIU log: {}", log.display()))
         }
         Err(_) => e,
+    }
+}
+
+/// Moves the restored processes into the cgroups runc made for this
+/// container. CRIU puts restored tasks back into the cgroup paths recorded
+/// at dump time (runc asks for its soft mode, and a dump that recorded
+/// paths only gives it nothing to rewrite them with), which after a
+/// migration or under another container id are the *source's* cgroups:
+/// freezing, killing or checkpointing this container would then reach
+/// them, and miss its own processes. Best effort: a failure is logged.
+fn adopt_cgroups(runc_root: &Path, id: &str, pid: i32) {
+    let rc = match criu_bridge::container::RuncContainer::load(runc_root, id) {
+        Ok(rc) => rc,
+        Err(e) => {
+            tracing::warn!(
+                id,
+                "restore: cannot read runc's state to check cgroups: {e}"
+            );
+            return;
+        }
+    };
+    let Some(own) = rc.freezer_cgroup() else {
+        return;
+    };
+    let procs = |p: &Path| std::fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
+    if procs(own).split_whitespace().any(|p| p == pid.to_string()) {
+        return;
+    }
+    // Every process of the container: those in its init's PID namespace.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let Some(init_ns) = ns(&pid.to_string()) else {
+        return;
+    };
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|n| ns(n).as_ref() == Some(&init_ns))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut failed = Vec::new();
+    for (controller, path) in rc.cgroup_paths() {
+        for p in &pids {
+            if let Err(e) = std::fs::write(path.join("cgroup.procs"), p) {
+                failed.push(format!("{p} -> {} ({controller}): {e}", path.display()));
+            }
+        }
+    }
+    if failed.is_empty() {
+        tracing::info!(
+            id,
+            processes = pids.len(),
+            "restore: moved the restored processes into the container's own cgroups"
+        );
+    } else {
+        tracing::warn!(
+            id,
+            ?failed,
+            "restore: could not move every restored process into the container's cgroups"
+        );
     }
 }

@@ -200,6 +200,11 @@ pub struct Runc {
 }
 
 impl Runc {
+    /// runc's state directory (`--root`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// A driver for `binary` (empty: `runc` on PATH) with state under
     /// `root`, logging to `<bundle>/log.json`.
     pub fn new(binary: &str, root: &Path, bundle: &Path, systemd_cgroup: bool) -> Self {
