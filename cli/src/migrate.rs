@@ -198,6 +198,8 @@ struct Room {
     source: Option<(Positions, Instant)>,
     first_source: Option<(Positions, Instant)>,
     target: Option<(Positions, Instant)>,
+    /// Queues the target's app consumes (it reconnects after the restore).
+    target_consuming: Vec<String>,
     first_target: Option<(Positions, Instant)>,
     fence: Option<(u64, u64)>,
     live: Option<(Positions, u64, u64)>,
@@ -218,6 +220,7 @@ impl Room {
             source: None,
             first_source: None,
             target: None,
+            target_consuming: Vec::new(),
             first_target: None,
             fence: None,
             live: None,
@@ -256,11 +259,17 @@ impl Room {
                 self.fence = Some((publishes, at_unix_us));
                 self.source = Some((next, now));
             }
-            (Role::Target, Signal::TargetProgress { next, .. }) => {
+            (
+                Role::Target,
+                Signal::TargetProgress {
+                    next, consuming, ..
+                },
+            ) => {
                 if self.first_target.is_none() {
                     self.first_target = Some((next.clone(), now));
                 }
                 self.target = Some((next, now));
+                self.target_consuming = consuming;
             }
             (
                 Role::Target,
@@ -276,10 +285,15 @@ impl Room {
         Ok(())
     }
 
-    /// Messages the target is behind the source (over the source's queues).
+    /// Messages the target is behind the source (over the source's
+    /// queues); `None` until the target's app consumes every one of them
+    /// (before that a small lag only means no traffic).
     fn lag(&self) -> Option<u64> {
         let (s, _) = self.source.as_ref()?;
         let (t, _) = self.target.as_ref()?;
+        if !s.keys().all(|q| self.target_consuming.contains(q)) {
+            return None;
+        }
         Some(lag(s, t))
     }
 

@@ -586,6 +586,18 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    /// Queues with a consumer now (consume-ok seen, not cancelled), over
+    /// every connection: a migration's target is ready to catch up only
+    /// once its app consumes the source's queues again.
+    pub fn consumed_queues(&self) -> std::collections::BTreeSet<String> {
+        self.conns
+            .values()
+            .flat_map(|c| c.channels.values())
+            .flat_map(|ch| ch.consumers.values())
+            .map(|c| c.queue.clone())
+            .collect()
+    }
+
     /// The acked position (highest acked offset + 1) of every stream queue
     /// that has one: what a live migration's source announces and its
     /// target compares against.

@@ -167,6 +167,11 @@ pub enum Signal {
         suppressed: u64,
         /// Deliveries held at the gate now.
         held: u64,
+        /// Queues the target's app consumes now: the target only follows
+        /// the source on those (it may still be reconnecting after the
+        /// restore).
+        #[serde(default)]
+        consuming: Vec<String>,
     },
     /// The source is fenced: it processes nothing more. The target goes
     /// live once it acked everything before `next` and suppressed
@@ -470,7 +475,7 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
     let mut fence: Option<(Positions, u64)> = None;
     let mut tick = tokio::time::interval(TARGET_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report: Option<(Positions, u64, u64)> = None;
+    let mut last_report: Option<(Positions, u64, u64, Vec<String>)> = None;
     let mut last_sent = Instant::now();
     loop {
         let msg = tokio::select! {
@@ -510,7 +515,15 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
                     }
                     shared.gate.raise(&next);
                     wake(shared);
-                    info!(migration = %id, publishes, next = ?next, "ms2m tap: fence received, finishing the replay");
+                    info!(
+                        migration = %id,
+                        publishes,
+                        next = ?next,
+                        target_next = ?shared.ledger().stream_positions(),
+                        suppressed = shared.counters.suppressed.load(Ordering::SeqCst),
+                        held = shared.counters.held_deliveries.load(Ordering::Relaxed),
+                        "ms2m tap: fence received, finishing the replay"
+                    );
                     fence = Some((next, publishes));
                     tick = tokio::time::interval(CUTOVER_TICK);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -552,6 +565,11 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
             next,
             shared.counters.suppressed.load(Ordering::SeqCst),
             shared.counters.held_deliveries.load(Ordering::Relaxed),
+            shared
+                .ledger()
+                .consumed_queues()
+                .into_iter()
+                .collect::<Vec<_>>(),
         );
         if fence.is_none()
             && (last_report.as_ref() != Some(&report) || last_sent.elapsed() >= TARGET_HEARTBEAT)
@@ -560,6 +578,7 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
                 next: report.0.clone(),
                 suppressed: report.1,
                 held: report.2,
+                consuming: report.3.clone(),
             };
             send(&tx, id, Role::Target, sig).await?;
             last_report = Some(report);
