@@ -196,7 +196,7 @@ start_agent() {
         ms2m --address "$MS2M_HOSTB_ADDRESS" --namespace "$MS2M_NAMESPACE" agent \
         --listen "$MS2M_HOSTB_AGENT" --dir "$MS2M_HOSTB_AGENT_DIR" \
         --tap-upstream "$MS2M_HOSTB_TAP_UPSTREAM" --runc-root "$MS2M_HOSTB_RUNC_ROOT" \
-        --cgroup-parent "$MS2M_HOSTB_CGROUP_PARENT" \
+        --cgroup-parent "$MS2M_HOSTB_CGROUP_PARENT" --token-file "$MS2M_AGENT_TOKEN_FILE" \
         >>"$MS2M_HOSTB_AGENT_LOG" 2>&1 </dev/null &
     echo $! > "$MS2M_HOSTB_AGENT_PIDFILE"
     for _ in $(seq 1 100); do
@@ -206,6 +206,15 @@ start_agent() {
     done
     tail -20 "$MS2M_HOSTB_AGENT_LOG" >&2 || true
     log "warning: the migration agent does not listen on $MS2M_HOSTB_AGENT (log: $MS2M_HOSTB_AGENT_LOG)"
+}
+
+# The agents' shared secret: `ms2m migrate` presents it (it reads
+# /etc/ms2m/agent-token by default); made once, readable by root only.
+ensure_agent_token() {
+    [ -s "$MS2M_AGENT_TOKEN_FILE" ] && return
+    mkdir -p "$(dirname "$MS2M_AGENT_TOKEN_FILE")"
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$MS2M_AGENT_TOKEN_FILE")
+    log "made the migration agents' token $MS2M_AGENT_TOKEN_FILE"
 }
 
 # Host A's own agent (host network namespace, containerd A), so that a
@@ -224,6 +233,7 @@ start_agent_a() {
     nohup ms2m --address "$MS2M_CONTAINERD_ADDRESS" --namespace "$MS2M_NAMESPACE" agent \
         --listen "$MS2M_HOSTA_AGENT" --dir "$MS2M_HOSTA_AGENT_DIR" \
         --tap-upstream "$MS2M_HOSTA_TAP_UPSTREAM" --cgroup-parent /ms2m \
+        --token-file "$MS2M_AGENT_TOKEN_FILE" \
         >>"$MS2M_HOSTA_AGENT_LOG" 2>&1 </dev/null &
     echo $! > "$MS2M_HOSTA_AGENT_PIDFILE"
     for _ in $(seq 1 100); do
@@ -258,6 +268,7 @@ cmd_start() {
     start_containerd_b
     import_image
     ensure_broker
+    ensure_agent_token
     start_agent
     start_agent_a
     log "host B up: containerd $MS2M_HOSTB_ADDRESS, netns $NS ($MS2M_HOSTB_IP), runc root $MS2M_HOSTB_RUNC_ROOT"

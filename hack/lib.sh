@@ -50,6 +50,9 @@ export MS2M_CRIU_HELPERS MS2M_PREFIX MS2M_CONTAINERD_ROOT MS2M_CONTAINERD_STATE 
 : "${MS2M_HOSTB_AGENT_PIDFILE:=/run/ms2m-b/agent.pid}"
 # The broker as seen from inside host B.
 : "${MS2M_HOSTB_TAP_UPSTREAM:=amqp://guest:guest@$MS2M_HOSTB_HOST_IP:5672/%2f}"
+# The migration agents' shared secret (ms2m migrate reads it by default).
+: "${MS2M_AGENT_TOKEN_FILE:=/etc/ms2m/agent-token}"
+export MS2M_AGENT_TOKEN_FILE
 # Host A's own agent (so consumers can migrate back from B to A).
 : "${MS2M_HOSTA_AGENT:=$MS2M_HOSTB_HOST_IP:7101}"
 : "${MS2M_HOSTA_AGENT_DIR:=/var/lib/ms2m/incoming}"

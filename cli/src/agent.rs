@@ -63,6 +63,11 @@ pub struct AgentArgs {
     /// otherwise name the same cgroup.
     #[arg(long, value_name = "PATH")]
     pub cgroup_parent: Option<String>,
+    /// A file holding the shared secret senders must present (first line).
+    /// Without it, anyone who reaches --listen can have containers created
+    /// here: give one on any network others share.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// What finished a session's cleanup: `Some(lines)` once it ran.
@@ -74,6 +79,7 @@ struct Agent {
     tap_upstream: Option<String>,
     runc_root: Option<String>,
     cgroup_parent: Option<String>,
+    token: Option<String>,
     /// Live sessions by migration id.
     sessions: Mutex<HashMap<String, Done>>,
 }
@@ -142,6 +148,17 @@ pub async fn run(address: &Path, namespace: &str, args: &AgentArgs) -> Result<()
         .as_ref()
         .map(|p| client::absolute(p).map(|p| p.display().to_string()))
         .transpose()?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(transfer::read_token)
+        .transpose()?;
+    if token.is_none() {
+        log(&format!(
+            "warning: no --token-file: anyone who reaches {} can have containers created here",
+            args.listen
+        ));
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -159,6 +176,7 @@ pub async fn run(address: &Path, namespace: &str, args: &AgentArgs) -> Result<()
         tap_upstream: args.tap_upstream.clone(),
         runc_root,
         cgroup_parent: args.cgroup_parent.clone(),
+        token,
         sessions: Mutex::new(HashMap::new()),
     });
     loop {
@@ -370,7 +388,9 @@ impl Agent {
     }
 
     async fn drive(&self, conn: &mut Conn, s: &mut Session) -> Result<End> {
-        check_hello(&conn.recv(IO_TIMEOUT).await?)?;
+        let hello = conn.recv(IO_TIMEOUT).await?;
+        check_hello(&hello)?;
+        transfer::check_token(&hello, self.token.as_deref())?;
         conn.send(&Message::hello()).await?;
         let (files, bytes) = match conn.recv(IO_TIMEOUT).await? {
             Message::Abort {

@@ -43,6 +43,8 @@ use crate::transfer::{Offer, TargetSession};
 /// Where the source's checkpoint for a migration goes by default (tmpfs on
 /// Debian: the images only live until the target confirmed them).
 pub const DEFAULT_MIGRATION_ROOT: &str = "/run/ms2m/migrations";
+/// The agent token `ms2m migrate` presents when no --token-file is given.
+pub const DEFAULT_TOKEN_FILE: &str = "/etc/ms2m/agent-token";
 /// The annotation that opts a container into the tap (its broker URL).
 const TAP_UPSTREAM_ANNOTATION: &str = "io.ms2m.tap.upstream";
 /// A target that reported once and then stays silent this long is gone.
@@ -75,6 +77,11 @@ pub struct MigrateArgs {
     /// /run/ms2m/migrations/<migration id>); removed afterwards unless --keep.
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// The target agent's shared secret (its `--token-file`): a file whose
+    /// first line is the token. Default: /etc/ms2m/agent-token when it
+    /// exists.
+    #[arg(long, value_name = "FILE", env = "MS2M_AGENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Keep the source's checkpoint directory.
     #[arg(long)]
     pub keep: bool,
@@ -710,7 +717,14 @@ async fn transfer_and_restore(
     undo: &mut Undo,
 ) -> Result<()> {
     tl.begin("transfer");
-    let mut session = TargetSession::connect(&args.to, Duration::from_secs(10))
+    let token = match &args.token_file {
+        Some(f) => Some(crate::transfer::read_token(f)?),
+        None if Path::new(DEFAULT_TOKEN_FILE).exists() => {
+            Some(crate::transfer::read_token(Path::new(DEFAULT_TOKEN_FILE))?)
+        }
+        None => None,
+    };
+    let mut session = TargetSession::connect_with_token(&args.to, Duration::from_secs(10), token)
         .await
         .with_context(|| format!("connecting to the target agent {}", args.to))?;
     let sent = session.send(offer, dir).await;

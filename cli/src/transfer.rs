@@ -117,6 +117,10 @@ pub enum Message {
         protocol: String,
         /// [`VERSION`].
         version: u32,
+        /// The sender's shared secret (the agent's `--token-file`); only
+        /// the sending side sends it, and it is never logged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// The sender proposes a migration and declares the totals.
     Offer {
@@ -224,9 +228,15 @@ impl Message {
 
     /// Our `hello`.
     pub fn hello() -> Message {
+        Message::hello_with(None)
+    }
+
+    /// Our `hello`, carrying `token` (the sending side).
+    pub fn hello_with(token: Option<&str>) -> Message {
         Message::Hello {
             protocol: PROTOCOL.to_string(),
             version: VERSION,
+            token: token.map(str::to_string),
         }
     }
 }
@@ -234,15 +244,49 @@ impl Message {
 /// Checks a peer's `hello`.
 pub fn check_hello(msg: &Message) -> Result<()> {
     match msg {
-        Message::Hello { protocol, version } if protocol == PROTOCOL && *version == VERSION => {
-            Ok(())
-        }
-        Message::Hello { protocol, version } => bail!(
+        Message::Hello {
+            protocol, version, ..
+        } if protocol == PROTOCOL && *version == VERSION => Ok(()),
+        Message::Hello {
+            protocol, version, ..
+        } => bail!(
             "peer speaks {protocol} version {version}, this side {PROTOCOL} version {VERSION}"
         ),
         Message::Error { message } => bail!("peer refused: {message}"),
         other => bail!("expected hello, got {}", other.kind()),
     }
+}
+
+/// Checks the token of a peer's `hello` against `expected` (the agent's
+/// `--token-file`; `None`: no token required). Compares in constant time.
+pub fn check_token(msg: &Message, expected: Option<&str>) -> Result<()> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let given = match msg {
+        Message::Hello { token, .. } => token.as_deref().unwrap_or(""),
+        _ => "",
+    };
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    if diff != 0 {
+        bail!("the sender did not present this agent's token (see `ms2m agent --token-file`)");
+    }
+    Ok(())
+}
+
+/// Reads a token file: its first line, trimmed; an empty token is an error.
+pub fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(token)
 }
 
 /// Writes one frame (not flushed).
@@ -597,13 +641,25 @@ pub struct TargetSession {
     broken: bool,
     migration_id: Option<String>,
     container_id: String,
+    /// The agent's token, sent in every `hello`.
+    token: Option<String>,
 }
 
 impl TargetSession {
     /// Connects to the agent at `addr` (host:port) and exchanges `hello`,
     /// all within `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<TargetSession> {
-        let conn = Self::open(addr, timeout).await?;
+        Self::connect_with_token(addr, timeout, None).await
+    }
+
+    /// [`TargetSession::connect`] presenting `token` (the agent's
+    /// `--token-file`).
+    pub async fn connect_with_token(
+        addr: &str,
+        timeout: Duration,
+        token: Option<String>,
+    ) -> Result<TargetSession> {
+        let conn = Self::open(addr, timeout, token.as_deref()).await?;
         Ok(TargetSession {
             addr: addr.to_string(),
             conn: Some(conn),
@@ -611,16 +667,17 @@ impl TargetSession {
             broken: false,
             migration_id: None,
             container_id: String::new(),
+            token,
         })
     }
 
-    async fn open(addr: &str, timeout: Duration) -> Result<Conn> {
+    async fn open(addr: &str, timeout: Duration, token: Option<&str>) -> Result<Conn> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("timed out connecting to the agent at {addr}"))?
             .with_context(|| format!("cannot connect to the agent at {addr}"))?;
         let mut conn = Conn::new(stream);
-        conn.send(&Message::hello()).await?;
+        conn.send(&Message::hello_with(token)).await?;
         let reply = conn.recv(timeout).await?;
         check_hello(&reply).with_context(|| format!("handshake with the agent at {addr}"))?;
         Ok(conn)
@@ -897,7 +954,7 @@ impl TargetSession {
         // own) and wait for that on a new one.
         self.conn = None;
         async {
-            let mut conn = Self::open(&self.addr, IO_TIMEOUT).await?;
+            let mut conn = Self::open(&self.addr, IO_TIMEOUT, self.token.as_deref()).await?;
             conn.send(&msg).await?;
             match conn.recv(ABORT_TIMEOUT).await? {
                 Message::Aborted { .. } => Ok(()),
@@ -1251,9 +1308,18 @@ mod tests {
         assert!(read_frame(&mut b).await.is_err());
         assert!(check_hello(&Message::Hello {
             protocol: PROTOCOL.into(),
-            version: 2
+            version: 2,
+            token: None,
         })
         .is_err());
+        // Tokens: required only when the agent has one.
+        let with = Message::hello_with(Some("s3cret"));
+        assert!(check_token(&with, Some("s3cret")).is_ok());
+        assert!(check_token(&with, None).is_ok());
+        assert!(check_token(&with, Some("s3cret2")).is_err());
+        assert!(check_token(&Message::hello(), Some("s3cret")).is_err());
+        let e = check_token(&Message::hello_with(Some("nope")), Some("s3cret")).unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -34,14 +34,25 @@ struct Agent {
 
 impl Agent {
     fn start(td: &TestDir) -> Agent {
+        Agent::start_with(td, None)
+    }
+
+    /// An agent that requires `token` (through `--token-file`) when given.
+    fn start_with(td: &TestDir, token: Option<&str>) -> Agent {
         let env = env();
         let dir = td.join("incoming");
-        let mut child = Command::new(MS2M)
-            .args(["--address", &env.address, "--namespace", &env.namespace])
+        let mut cmd = Command::new(MS2M);
+        cmd.args(["--address", &env.address, "--namespace", &env.namespace])
             .args(["agent", "--listen", "127.0.0.1:0", "--dir"])
             .arg(&dir)
             .arg("--runc-root")
-            .arg(td.join("runc-b"))
+            .arg(td.join("runc-b"));
+        if let Some(t) = token {
+            let f = td.join("token");
+            std::fs::write(&f, format!("{t}\n")).unwrap();
+            cmd.arg("--token-file").arg(f);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -312,4 +323,35 @@ fn corrupted_file_is_refused_and_nothing_is_left() {
         .collect();
     assert!(left.is_empty(), "left in {}: {left:?}", agent.dir.display());
     assert!(!container_exists(&dst_id));
+}
+
+#[test]
+fn agent_with_a_token_refuses_senders_without_it() {
+    let td = TestDir::new("xfer-token");
+    let agent = Agent::start_with(&td, Some("s3cret-token"));
+    rt().block_on(async {
+        let e = match TargetSession::connect(&agent.addr, Duration::from_secs(5)).await {
+            Ok(_) => panic!("the agent accepted a sender without its token"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains("token"), "{e}");
+        assert!(
+            !e.contains("s3cret-token"),
+            "the error shows the token: {e}"
+        );
+        let wrong = TargetSession::connect_with_token(
+            &agent.addr,
+            Duration::from_secs(5),
+            Some("x".into()),
+        )
+        .await;
+        assert!(wrong.is_err(), "a wrong token was accepted");
+        let ok = TargetSession::connect_with_token(
+            &agent.addr,
+            Duration::from_secs(5),
+            Some("s3cret-token".into()),
+        )
+        .await;
+        assert!(ok.is_ok(), "the right token was refused: {:?}", ok.err());
+    });
 }
