@@ -544,6 +544,18 @@ async fn migrate(
     let id = args.id.as_str();
     let mid = offer.migration_id.as_str();
 
+    if !args.stop_and_copy {
+        // Refused at once (classic queues) without freezing the source.
+        source_request(
+            cd,
+            id,
+            &MigrateRequest::Check {
+                migration_id: mid.to_string(),
+            },
+        )
+        .await
+        .context("checking the source")?;
+    }
     tl.begin("checkpoint");
     std::fs::create_dir_all(dir.parent().unwrap_or(Path::new("/")))
         .with_context(|| format!("create {}", dir.display()))?;

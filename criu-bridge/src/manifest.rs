@@ -45,6 +45,12 @@ pub const MIGRATE_REQUEST_TYPE_URL: &str = "ms2m.io/migrate.v1";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MigrateRequest {
+    /// Before the checkpoint: refuse at once what cannot be migrated live
+    /// (no tap, classic queues), so the source is not frozen for nothing.
+    Check {
+        /// The migration.
+        migration_id: String,
+    },
     /// Become the source of a migration from the leave-running checkpoint
     /// in `image_path`: announce the tap's progress into the migration's
     /// broker room.

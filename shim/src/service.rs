@@ -959,6 +959,7 @@ impl Inner {
         let _op = op.lock().await;
         let (tap, config) = self.tap_of(id, "migration").await?;
         let op_name = match &req {
+            MigrateRequest::Check { .. } => "check",
             MigrateRequest::Start { .. } => "start",
             MigrateRequest::Cutover { .. } => "cutover",
             MigrateRequest::Abort { .. } => "abort",
@@ -967,6 +968,19 @@ impl Inner {
         let t0 = std::time::Instant::now();
         let r = async {
             match req {
+                MigrateRequest::Check { migration_id } => {
+                    let classic = tap.consumed_classic_queues();
+                    if classic.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(Error::FailedPrecondition(format!(
+                            "migration {migration_id} of container {id}: it consumes classic \
+                             queue(s) {classic:?}: live migration replays only RabbitMQ streams \
+                             (a classic queue keeps nothing the source acked after the cut); \
+                             move it with --stop-and-copy. The container keeps running."
+                        )))
+                    }
+                }
                 MigrateRequest::Start {
                     migration_id,
                     image_path,

@@ -467,6 +467,23 @@ impl Tap {
         }
     }
 
+    /// Classic (non-stream) queues the app consumes now: a live migration
+    /// cannot replay them (see [`crate::migration`]).
+    pub fn consumed_classic_queues(&self) -> Vec<String> {
+        let ledger = self.shared.ledger();
+        let streams: std::collections::BTreeSet<String> = ledger
+            .queue_cuts(false)
+            .into_iter()
+            .filter(|q| q.kind == crate::cut::QueueKind::Stream)
+            .map(|q| q.name)
+            .collect();
+        ledger
+            .consumed_queues()
+            .into_iter()
+            .filter(|q| !streams.contains(q))
+            .collect()
+    }
+
     /// Counters.
     pub fn stats(&self) -> TapStats {
         let c = &self.shared.counters;
