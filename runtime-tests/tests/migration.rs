@@ -114,6 +114,43 @@ fn max_gap_ms(results: &[ResultMsg]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Joins the producer and checks every result of `q` (0 lost, duplicated
+/// or out of order, exactly `n`), then the consumer's state, read by
+/// `state`, is exactly `1..=n` in order. Returns the results.
+fn assert_exact(
+    name: &str,
+    q: &TestQueues,
+    producer: Producer,
+    n: u64,
+    state: impl Fn() -> Option<ConsumerState>,
+) -> Vec<ResultMsg> {
+    let rep = producer
+        .join()
+        .unwrap_or_else(|e| panic!("{name}: producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, n, "{name}: producer");
+    let results = collect_results(&q.results, n as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!(
+        "{name}: {report}; largest processing gap {:.1} ms",
+        max_gap_ms(&results)
+    );
+    assert!(report.is_clean(), "{name}: {report}");
+    assert_eq!(results.len() as u64, n, "{name}: {report}");
+    let st = wait_until(
+        &format!("{name}: the consumer's state"),
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || state().filter(|s| s.count >= n),
+    );
+    assert_eq!(st.count, n, "{name}: {st:?}");
+    assert_eq!(
+        st.digest,
+        digest_of(1..=n),
+        "{name}: state is not 1..={n} in order: {st:?}"
+    );
+    results
+}
+
 fn migrate_under_load(client: Client, kind: QueueKind, name: &str, n: u64, rate: u64) {
     move_under_load(client, kind, name, n, rate, false)
 }
@@ -168,28 +205,7 @@ fn move_under_load(
     );
     assert_eq!(b.status().as_deref(), Some("RUNNING"), "target on host B");
 
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    assert_eq!(rep.confirmed.len() as u64, n);
-    let results = collect_results(&q.results, n as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    eprintln!(
-        "{name}: {report}; largest processing gap {:.1} ms",
-        max_gap_ms(&results)
-    );
-    assert!(report.is_clean(), "{name}: {report}");
-    assert_eq!(results.len() as u64, n, "{name}: {report}");
-    let state = wait_until(
-        "the target's state",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || b.state().filter(|s| s.count >= n),
-    );
-    assert_eq!(state.count, n, "{state:?}");
-    assert_eq!(
-        state.digest,
-        digest_of(1..=n),
-        "target state is not 1..={n} in order: {state:?}"
-    );
+    assert_exact(name, &q, producer, n, || b.state());
 }
 
 #[test]
@@ -240,13 +256,7 @@ fn aborted_migration(name: &str, fault: impl FnOnce(&OnHostB) + Send + 'static) 
     // The source serves on; the target is gone.
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     assert!(!b.exists(), "the target container is still on host B");
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    eprintln!("{name}: {report}");
-    assert!(report.is_clean(), "{name}: {report}");
-    let state = wait_consumer_count(&c, N, Duration::from_secs(20));
-    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+    assert_exact(name, &q, producer, N, || consumer_state(&c));
 }
 
 #[test]
@@ -321,10 +331,7 @@ fn ctrl_c_aborts_and_the_source_serves_on() {
     );
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     assert!(!b.exists(), "the target container is still on host B");
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    assert!(report.is_clean(), "{report}");
+    assert_exact("ctrl-c", &q, producer, N, || consumer_state(&c));
 }
 
 /// Host B's containerd is down when the checkpoint arrives: the agent
@@ -349,12 +356,7 @@ fn target_containerd_down_aborts_and_the_source_serves_on() {
     );
     assert_eq!(c.status().as_deref(), Some("RUNNING"));
     assert!(!b.exists(), "a target container was left on host B");
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    assert!(report.is_clean(), "{report}");
-    let state = wait_consumer_count(&c, N, Duration::from_secs(20));
-    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+    assert_exact("cd-down", &q, producer, N, || consumer_state(&c));
 }
 
 /// The broker restarts while the target catches up: every link drops, the
@@ -427,19 +429,7 @@ fn classic_consumer_live_refused_then_moved_by_stop_and_copy() {
     let (out, v) = migrate(&c.id, &["--stop-and-copy"]);
     assert!(out.success() && v["outcome"] == "migrated", "{out}");
     assert_eq!(b.status().as_deref(), Some("RUNNING"));
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    eprintln!("classic: {report}");
-    assert!(report.is_clean(), "{report}");
-    assert_eq!(results.len() as u64, N, "{report}");
-    let state = wait_until(
-        "the target's state",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || b.state().filter(|s| s.count >= N),
-    );
-    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+    assert_exact("classic", &q, producer, N, || b.state());
 }
 
 /// Host A's agent (hack/host-b.sh starts it beside host B's).
@@ -484,17 +474,5 @@ fn stream_consumer_migrates_back_and_forth() {
         );
     }
     assert_eq!(b.status().as_deref(), Some("RUNNING"), "after A→B→A→B");
-    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
-    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    eprintln!("pingpong: {report}");
-    assert!(report.is_clean(), "{report}");
-    assert_eq!(results.len() as u64, N, "{report}");
-    let state = wait_until(
-        "the final target's state",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || b.state().filter(|s| s.count >= N),
-    );
-    assert_eq!(state.digest, digest_of(1..=N), "{state:?}");
+    assert_exact("pingpong", &q, producer, N, || b.state());
 }
