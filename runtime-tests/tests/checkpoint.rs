@@ -96,7 +96,9 @@ fn check_manifest(img: &Path, work: Option<&Path>, id: &str, exit: bool) -> Opti
     }
     assert!(stats.frozen_time_us > 0, "frozen_time_us: {m:#?}");
     assert!(stats.pages_written > 0, "pages_written: {m:#?}");
-    assert!(stats.frozen_time_us >= stats.freezing_time_us, "{m:#?}");
+    // (No order between freezing_time and frozen_time: CRIU measures them
+    // over different intervals, and under load seizing the tasks can take
+    // longer than dumping a small container.)
     assert!(m.timings.total_ms > 0.0, "timings: {m:#?}");
     Some(m)
 }
