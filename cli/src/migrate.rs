@@ -673,18 +673,31 @@ async fn migrate(
     // (same container id), and a kill of the whole cgroup would hit it.
     let stopped = crate::fence::kill_and_wait(cd, id, false).await;
     undo.source_started = false;
+    finish(cd, args, undo, stopped).await?;
+    tl.end();
+    Ok(())
+}
+
+/// The target runs for good: confirms it to its agent, checks that the
+/// source stopped (`source_stopped`), and removes the stopped source
+/// container unless --keep-source.
+async fn finish(
+    cd: &Containerd,
+    args: &MigrateArgs,
+    undo: &mut Undo,
+    source_stopped: Result<()>,
+) -> Result<()> {
     if let Some(s) = undo.session.take() {
         s.commit()
             .await
             .context("confirming the target to its agent")?;
     }
-    stopped.context("stopping the source (the target is live: stop it by hand)")?;
+    source_stopped.context("stopping the source (the target runs: stop it by hand)")?;
     if !args.keep_source {
-        client::remove_stopped_container(cd, id)
+        client::remove_stopped_container(cd, &args.id)
             .await
-            .context("removing the stopped source container (the target is live)")?;
+            .context("removing the stopped source container (the target runs)")?;
     }
-    tl.end();
     Ok(())
 }
 
@@ -702,16 +715,7 @@ async fn stop_and_copy(
     transfer_and_restore(args, offer, dir, tl, report, undo).await?;
     report.live_at_unix_us = Some(migration::unix_us());
     undo.restore_source_from = None;
-    if let Some(s) = undo.session.take() {
-        s.commit()
-            .await
-            .context("confirming the target to its agent")?;
-    }
-    if !args.keep_source {
-        client::remove_stopped_container(cd, &args.id)
-            .await
-            .context("removing the stopped source container (the target runs)")?;
-    }
+    finish(cd, args, undo, Ok(())).await?;
     tl.end();
     Ok(())
 }

@@ -73,6 +73,16 @@ impl OnHostB {
         }
     }
 
+    /// Waits (30 s at most) until the target's task runs on host B.
+    fn wait_running(&self) {
+        wait_until(
+            "the target to run on host B",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || (self.status().as_deref() == Some("RUNNING")).then_some(()),
+        );
+    }
+
     fn exists(&self) -> bool {
         ctr_b(&["containers", "ls", "-q"])
             .stdout
@@ -262,14 +272,7 @@ fn aborted_migration(name: &str, fault: impl FnOnce(&OnHostB) + Send + 'static) 
 #[test]
 fn target_killed_mid_replay_aborts_and_the_source_serves_on() {
     aborted_migration("kill-target", |b| {
-        let t0 = Instant::now();
-        while b.status().as_deref() != Some("RUNNING") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "the target never ran on host B"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        b.wait_running();
         std::thread::sleep(Duration::from_millis(300));
         let out = ctr_b(&["task", "kill", "-s", "SIGKILL", &b.0]);
         assert!(out.success(), "{out}");
@@ -304,14 +307,7 @@ fn ctrl_c_aborts_and_the_source_serves_on() {
         .spawn()
         .expect("spawn ms2m migrate");
     let pid = child.id().to_string();
-    let t0 = Instant::now();
-    while b.status().as_deref() != Some("RUNNING") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the target never ran on host B"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    b.wait_running();
     let kill = std::process::Command::new("kill")
         .args(["-INT", &pid])
         .status();
@@ -373,14 +369,7 @@ fn broker_restart_during_catch_up_aborts_and_the_source_serves_on() {
     let runner = std::thread::spawn(move || {
         migrate(&id, &["--min-catch-up", "8s", "--catch-up-timeout", "20s"])
     });
-    let t0 = Instant::now();
-    while b.status().as_deref() != Some("RUNNING") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the target never ran on host B"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    b.wait_running();
     // (The test producer does not survive a broker restart: it finishes first.)
     let mut produced = producer
         .join()
