@@ -52,8 +52,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{netns_has_tcp, CRIU_CONFIG_ANNOTATION};
 use crate::rpc::{
-    freeze_freezer, freeze_freezer_and_wait, freezer_is_thawed, thaw_freezer, CgMode, CriuClient,
-    CriuOpts, DumpOutcome, ExtMountMap, Job, NetworkLockMethod, Notify, NotifyFn,
+    ext_mount, freeze_freezer, freeze_freezer_and_wait, freezer_is_thawed, thaw_freezer, CgMode,
+    CriuClient, CriuOpts, DumpOutcome, ExtMountMap, Job, NetworkLockMethod, Notify, NotifyFn,
 };
 use crate::stats::{read_dump_stats, DumpStats};
 use crate::Error;
@@ -502,10 +502,7 @@ impl RuncContainer {
         let mut out: Vec<ExtMountMap> = Vec::new();
         let mut add = |dest: &str| {
             let key = resolve_in_root(&cfg.rootfs, dest);
-            out.push(ExtMountMap {
-                key: key.clone(),
-                val: key,
-            });
+            out.push(ext_mount(key.clone(), key));
         };
         let has_cgroupns = cfg.namespaces.iter().any(|n| n.kind == "NEWCGROUP");
         let unified = cgroup2_unified();
@@ -533,20 +530,14 @@ impl RuncContainer {
             let on_host = PathBuf::from(format!("/proc/{pid}/root{p}"));
             match std::fs::metadata(&on_host) {
                 Ok(md) if md.is_dir() => {}
-                Ok(_) => out.push(ExtMountMap {
-                    key: p.clone(),
-                    val: "/dev/null".to_string(),
-                }),
+                Ok(_) => out.push(ext_mount(p.clone(), "/dev/null")),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("look at a masked path", on_host, e)),
             }
         }
         for d in cfg.devices.as_deref().unwrap_or_default() {
             let key = resolve_in_root(&cfg.rootfs, &d.path);
-            out.push(ExtMountMap {
-                key: key.clone(),
-                val: key,
-            });
+            out.push(ext_mount(key.clone(), key));
         }
         Ok(out)
     }
@@ -596,7 +587,7 @@ impl RuncContainer {
         }
         match knobs.cgroups {
             Cgroups::Soft => o.manage_cgroups = Some(true),
-            Cgroups::Ignore => o.manage_cgroups_mode = Some(CgMode::Ignore),
+            Cgroups::Ignore => o.manage_cgroups_mode = Some(CgMode::IGNORE.into()),
         }
         match &knobs.config_file {
             ConfigFile::LikeRunc => match self.annotation(CRIU_CONFIG_ANNOTATION) {
@@ -639,7 +630,7 @@ impl RuncContainer {
                 }
             }
         };
-        o.network_lock = Some(lock.wire());
+        o.network_lock = Some(lock.wire().into());
         if knobs.empty_netns {
             o.empty_ns = Some(libc::CLONE_NEWNET as u32);
         }
@@ -925,7 +916,7 @@ mod tests {
             .dump_ext_mounts()
             .unwrap()
             .into_iter()
-            .map(|m| m.key)
+            .map(|m| m.key.unwrap_or_default())
             .collect();
         assert_eq!(keys, vec!["/data", "/dev/null"]);
     }

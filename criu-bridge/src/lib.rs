@@ -25,7 +25,7 @@ pub mod criu;
 mod error;
 pub mod features;
 pub mod manifest;
-mod protobuf;
+mod proto;
 pub mod rpc;
 pub mod stats;
 pub mod strategy;

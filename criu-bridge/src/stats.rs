@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protobuf::{fields, Field};
+use protobuf::Message;
+
+use crate::proto::stats::Stats_entry;
 use crate::Error;
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
@@ -62,66 +64,54 @@ pub struct RestoreStats {
 /// the directory holding it (CRIU's work directory).
 pub fn read_dump_stats(path: &Path) -> Result<DumpStats, Error> {
     let (file, entry) = read_stats_entry(path, DUMP_STATS_FILE)?;
-    let body = nested(&file, &entry, 1, "dump")?;
-    let mut s = DumpStats::default();
-    for (number, field) in fields(body).map_err(|e| Error::malformed(&file, e))? {
-        let Field::Varint(v) = field else { continue };
-        match number {
-            1 => s.freezing_time_us = v,
-            2 => s.frozen_time_us = v,
-            3 => s.memdump_time_us = v,
-            4 => s.memwrite_time_us = v,
-            5 => s.pages_scanned = v,
-            6 => s.pages_skipped_parent = v,
-            7 => s.pages_written = v,
-            9 => s.pages_lazy = v,
-            _ => {}
-        }
-    }
-    Ok(s)
+    let d = entry
+        .dump
+        .into_option()
+        .ok_or_else(|| Error::malformed(&file, "no dump statistics in the stats entry"))?;
+    Ok(DumpStats {
+        freezing_time_us: d.freezing_time().into(),
+        frozen_time_us: d.frozen_time().into(),
+        memdump_time_us: d.memdump_time().into(),
+        memwrite_time_us: d.memwrite_time().into(),
+        pages_scanned: d.pages_scanned(),
+        pages_skipped_parent: d.pages_skipped_parent(),
+        pages_written: d.pages_written(),
+        pages_lazy: d.pages_lazy(),
+    })
 }
 
 /// Reads CRIU's restore statistics from `path`: the `stats-restore` file
 /// itself or the directory holding it.
 pub fn read_restore_stats(path: &Path) -> Result<RestoreStats, Error> {
     let (file, entry) = read_stats_entry(path, RESTORE_STATS_FILE)?;
-    let body = nested(&file, &entry, 2, "restore")?;
-    let mut s = RestoreStats::default();
-    for (number, field) in fields(body).map_err(|e| Error::malformed(&file, e))? {
-        let Field::Varint(v) = field else { continue };
-        match number {
-            1 => s.pages_compared = v,
-            2 => s.pages_skipped_cow = v,
-            3 => s.forking_time_us = v,
-            4 => s.restore_time_us = v,
-            5 => s.pages_restored = v,
-            _ => {}
-        }
-    }
-    Ok(s)
+    let r = entry
+        .restore
+        .into_option()
+        .ok_or_else(|| Error::malformed(&file, "no restore statistics in the stats entry"))?;
+    Ok(RestoreStats {
+        pages_compared: r.pages_compared(),
+        pages_skipped_cow: r.pages_skipped_cow(),
+        forking_time_us: r.forking_time().into(),
+        restore_time_us: r.restore_time().into(),
+        pages_restored: r.pages_restored(),
+    })
 }
 
-fn nested<'a>(file: &Path, entry: &'a [u8], number: u32, what: &str) -> Result<&'a [u8], Error> {
-    fields(entry)
-        .map_err(|e| Error::malformed(file, e))?
-        .into_iter()
-        .find_map(|(n, f)| match (n, f) {
-            (n, Field::Bytes(b)) if n == number => Some(b),
-            _ => None,
-        })
-        .ok_or_else(|| Error::malformed(file, format!("no {what} statistics in the stats entry")))
-}
-
-/// Reads the one protobuf entry of a CRIU stats image.
-fn read_stats_entry(path: &Path, default_name: &str) -> Result<(PathBuf, Vec<u8>), Error> {
+/// Reads the one `stats_entry` of a CRIU stats image. A statistic missing
+/// from it reads as 0 (it is merged, not checked for required fields).
+fn read_stats_entry(path: &Path, default_name: &str) -> Result<(PathBuf, Stats_entry), Error> {
     let file = if path.is_dir() {
         path.join(default_name)
     } else {
         path.to_path_buf()
     };
     let data = std::fs::read(&file).map_err(|e| Error::io("read CRIU statistics", &file, e))?;
-    let entry = parse_stats_image(&data).map_err(|reason| Error::malformed(&file, reason))?;
-    Ok((file, entry.to_vec()))
+    let bytes = parse_stats_image(&data).map_err(|reason| Error::malformed(&file, reason))?;
+    let mut entry = Stats_entry::new();
+    entry
+        .merge_from_bytes(bytes)
+        .map_err(|e| Error::malformed(&file, format!("stats_entry: {e}")))?;
+    Ok((file, entry))
 }
 
 fn parse_stats_image(data: &[u8]) -> Result<&[u8], String> {
@@ -152,45 +142,61 @@ fn parse_stats_image(data: &[u8]) -> Result<&[u8], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protobuf::encode_varint;
+    use crate::proto::stats::{Dump_stats_entry, Restore_stats_entry};
+    use protobuf::MessageField;
 
-    fn message(fields: &[(u32, u64)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for &(n, v) in fields {
-            encode_varint(u64::from(n) << 3, &mut out);
-            encode_varint(v, &mut out);
-        }
-        out
-    }
-
-    fn image(outer_field: u32, inner: &[u8]) -> Vec<u8> {
-        let mut entry = Vec::new();
-        encode_varint(u64::from(outer_field) << 3 | 2, &mut entry);
-        encode_varint(inner.len() as u64, &mut entry);
-        entry.extend_from_slice(inner);
+    /// A stats image holding `entry`'s encoding.
+    fn image(entry: &[u8]) -> Vec<u8> {
         let mut img = Vec::new();
         img.extend_from_slice(&IMG_SERVICE_MAGIC.to_le_bytes());
         img.extend_from_slice(&STATS_MAGIC.to_le_bytes());
         img.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-        img.extend_from_slice(&entry);
+        img.extend_from_slice(entry);
         img
+    }
+
+    /// A stats image of `d`, required fields or not.
+    fn dump_image(d: Dump_stats_entry) -> Vec<u8> {
+        let e = Stats_entry {
+            dump: MessageField::some(d),
+            ..Default::default()
+        };
+        let mut buf = Vec::new();
+        let mut os = protobuf::CodedOutputStream::vec(&mut buf);
+        e.compute_size();
+        e.write_to_with_cached_sizes(&mut os).unwrap();
+        os.flush().unwrap();
+        drop(os);
+        image(&buf)
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("criu-bridge-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(name)
     }
 
     #[test]
     fn reads_dump_stats_from_a_directory() {
-        let dir = std::env::temp_dir().join(format!("criu-bridge-stats-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let inner = message(&[
-            (1, 1200),
-            (2, 15_000),
-            (3, 900),
-            (4, 2100),
-            (5, 4096),
-            (6, 0),
-            (7, 4000),
-            (9, 0),
-        ]);
-        std::fs::write(dir.join(DUMP_STATS_FILE), image(1, &inner)).unwrap();
+        let dir = scratch("stats");
+        let d = Dump_stats_entry {
+            freezing_time: Some(1200),
+            frozen_time: Some(15_000),
+            memdump_time: Some(900),
+            memwrite_time: Some(2100),
+            pages_scanned: Some(4096),
+            pages_skipped_parent: Some(0),
+            pages_written: Some(4000),
+            pages_lazy: Some(0),
+            ..Default::default()
+        };
+        std::fs::write(dir.join(DUMP_STATS_FILE), dump_image(d)).unwrap();
         let s = read_dump_stats(&dir).unwrap();
         assert_eq!(s.freezing_time_us, 1200);
         assert_eq!(s.frozen_time_us, 15_000);
@@ -202,15 +208,71 @@ mod tests {
 
     #[test]
     fn reads_restore_stats() {
-        let dir = std::env::temp_dir().join(format!("criu-bridge-rstats-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let inner = message(&[(1, 0), (2, 0), (3, 800), (4, 45_000), (5, 4100)]);
+        let dir = scratch("rstats");
+        let e = Stats_entry {
+            restore: MessageField::some(Restore_stats_entry {
+                pages_compared: Some(0),
+                pages_skipped_cow: Some(0),
+                forking_time: Some(800),
+                restore_time: Some(45_000),
+                pages_restored: Some(4100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let file = dir.join("renamed");
-        std::fs::write(&file, image(2, &inner)).unwrap();
+        std::fs::write(&file, image(&e.write_to_bytes().unwrap())).unwrap();
         let s = read_restore_stats(&file).unwrap();
         assert_eq!(
             (s.forking_time_us, s.restore_time_us, s.pages_restored),
             (800, 45_000, 4100)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Images CRIU 4.2.1 wrote: a `sleep` dumped, then restored.
+    #[test]
+    fn reads_images_criu_wrote() {
+        assert_eq!(
+            read_dump_stats(&fixture("stats-dump")).unwrap(),
+            DumpStats {
+                freezing_time_us: 176,
+                frozen_time_us: 27_337,
+                memdump_time_us: 739,
+                memwrite_time_us: 157,
+                pages_scanned: 57,
+                pages_skipped_parent: 0,
+                pages_written: 30,
+                pages_lazy: 0,
+            }
+        );
+        assert_eq!(
+            read_restore_stats(&fixture("stats-restore")).unwrap(),
+            RestoreStats {
+                pages_compared: 0,
+                pages_skipped_cow: 0,
+                forking_time_us: 0,
+                restore_time_us: 6729,
+                pages_restored: 30,
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_statistic_reads_as_zero() {
+        let dir = scratch("partial");
+        let d = Dump_stats_entry {
+            frozen_time: Some(5),
+            ..Default::default()
+        };
+        std::fs::write(dir.join(DUMP_STATS_FILE), dump_image(d)).unwrap();
+        let s = read_dump_stats(&dir).unwrap();
+        assert_eq!(
+            s,
+            DumpStats {
+                frozen_time_us: 5,
+                ..Default::default()
+            }
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -221,18 +283,30 @@ mod tests {
         assert!(parse_stats_image(&[0u8; 16])
             .unwrap_err()
             .contains("not a CRIU image"));
-        let mut img = image(1, &message(&[(2, 5)]));
+        let mut img = dump_image(Dump_stats_entry {
+            frozen_time: Some(5),
+            ..Default::default()
+        });
         img.truncate(img.len() - 1);
         assert!(parse_stats_image(&img)
             .unwrap_err()
             .contains("past the end"));
+        // a well-framed image whose entry is not protobuf
+        let dir = scratch("garbage");
+        let file = dir.join(DUMP_STATS_FILE);
+        std::fs::write(&file, image(&[0x0a, 0x05, 1, 2])).unwrap();
+        let err = read_dump_stats(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("stats_entry") && err.contains(DUMP_STATS_FILE),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dump_stats_missing_from_a_restore_image() {
-        let dir = std::env::temp_dir().join(format!("criu-bridge-mix-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(DUMP_STATS_FILE), image(2, &message(&[(3, 1)]))).unwrap();
+        let dir = scratch("mix");
+        std::fs::copy(fixture("stats-restore"), dir.join(DUMP_STATS_FILE)).unwrap();
         let err = read_dump_stats(&dir).unwrap_err().to_string();
         assert!(err.contains("no dump statistics"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::proto::{CriuReq, CriuResp};
+use super::proto::{decode_response, CriuResp};
 
 /// The largest response accepted. CRIU's answers are a few hundred bytes
 /// (the longest part is `cr_errmsg`, one log line).
@@ -138,9 +138,8 @@ impl Conn {
         self.child.id()
     }
 
-    /// Sends one request.
-    pub(crate) fn send(&mut self, req: &CriuReq) -> Result<(), ConnError> {
-        let buf = req.encode();
+    /// Sends one encoded request.
+    pub(crate) fn send(&mut self, buf: &[u8]) -> Result<(), ConnError> {
         loop {
             // SAFETY: `buf` is valid for `buf.len()` bytes for the call's
             // duration; the socket fd is open (owned by self).
@@ -326,7 +325,7 @@ pub(crate) fn recv_resp(sock: &OwnedFd) -> Result<(CriuResp, Option<OwnedFd>), C
             "message longer than {MAX_MESSAGE} bytes"
         )));
     }
-    let resp = CriuResp::decode(&buf[..n]).map_err(ConnError::Garbage)?;
+    let resp = decode_response(&buf[..n]).map_err(ConnError::Garbage)?;
     // Keep the first fd; extra ones (never sent by CRIU 4.2) are closed.
     Ok((resp, fds.into_iter().next()))
 }
@@ -358,6 +357,7 @@ impl Drop for Conn {
 mod tests {
     use super::*;
     use crate::rpc::proto::{NotifyMsg, ReqType};
+    use protobuf::{Message, MessageField};
 
     fn pair() -> (OwnedFd, OwnedFd) {
         let mut fds = [0 as libc::c_int; 2];
@@ -404,13 +404,15 @@ mod tests {
     #[test]
     fn notification_with_fd_is_received() {
         let (a, b) = pair();
-        let mut r = CriuResp::new(ReqType::Notify, true);
-        r.notify = Some(NotifyMsg {
+        let mut r = CriuResp::new();
+        r.set_type(ReqType::NOTIFY);
+        r.set_success(true);
+        r.notify = MessageField::some(NotifyMsg {
             script: Some("orphan-pts-master".into()),
-            pid: None,
+            ..Default::default()
         });
         let (p0, p1) = pair();
-        send_with_fd(&b, &r.encode(), p1.as_raw_fd());
+        send_with_fd(&b, &r.write_to_bytes().unwrap(), p1.as_raw_fd());
         drop(p1);
         let (got, fd) = recv_resp(&a).unwrap();
         assert_eq!(got, r);

@@ -171,7 +171,7 @@ fn dump_job(dir: &Path, pid: i32, leave_running: bool) -> Job {
     job.opts.leave_running = Some(leave_running);
     job.opts.shell_job = Some(false);
     job.opts.log_level = Some(4);
-    job.opts.network_lock = Some(NetworkLockMethod::Skip);
+    job.opts.network_lock = Some(NetworkLockMethod::Skip.into());
     job
 }
 
@@ -181,7 +181,11 @@ fn version_is_4_2() {
     let t0 = Instant::now();
     let v = client().version().expect("VERSION");
     eprintln!("VERSION: {v} {v:?} in {:?}", t0.elapsed());
-    assert_eq!((v.major, v.minor), (4, 2), "{v:?}");
+    assert_eq!(
+        (v.major_number, v.minor_number),
+        (Some(4), Some(2)),
+        "{v:?}"
+    );
     assert!(v.to_string().starts_with("4.2"));
 }
 
@@ -483,7 +487,7 @@ fn pre_dump_follows_dirty_tracking() {
     let dir = test_dir("pre-dump");
     let w = Workload::start(&dir);
     let mut job = dump_job(&dir, w.pid, true);
-    job.opts.pre_dump_mode = Some(PreDumpMode::VmRead);
+    job.opts.pre_dump_mode = Some(PreDumpMode::VM_READ.into());
     let tracking = Features::cached(&criu_binary()).dirty_tracking();
     let r = client().pre_dump(&job, None);
     eprintln!("pre-dump with dirty tracking = {tracking}: {r:?}");
@@ -505,7 +509,7 @@ fn page_server_receives_a_dump() {
     let ps_dir = dir.join("ps-images");
     std::fs::create_dir_all(&ps_dir).expect("mkdir");
     let mut ps_job = Job::new(&ps_dir);
-    ps_job.opts.ps = Some(PageServerInfo {
+    ps_job.opts.ps = MessageField::some(PageServerInfo {
         address: Some("127.0.0.1".into()),
         port: Some(0),
         ..Default::default()
@@ -515,7 +519,7 @@ fn page_server_receives_a_dump() {
     eprintln!("page server {ps:?} started in {:?}", t0.elapsed());
     assert!(ps.port > 0 && ps.pid > 0);
     let mut job = dump_job(&dir, w.pid, true);
-    job.opts.ps = Some(PageServerInfo {
+    job.opts.ps = MessageField::some(PageServerInfo {
         address: Some("127.0.0.1".into()),
         port: Some(ps.port),
         ..Default::default()

@@ -1,5 +1,5 @@
-//! A client for CRIU's RPC protocol (`criu swrk`), blocking and
-//! dependency-free apart from `libc`.
+//! A client for CRIU's RPC protocol (`criu swrk`), blocking, on `libc` and
+//! the message types generated from CRIU's `rpc.proto`.
 //!
 //! Each request spawns `criu swrk <fd>` with one end of a
 //! `socketpair(AF_UNIX, SOCK_SEQPACKET)`; CRIU reads one `criu_req` per
@@ -75,14 +75,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub use proto::{
-    CgMode, CgroupRoot, CriuOpts, CriuVersion, ExtMountMap, InheritFd, JoinNamespace,
-    NetworkLockMethod, PageServerInfo, PreDumpMode, ReqType,
+    ext_mount, CgMode, CgroupRoot, CriuOpts, CriuVersion, EnumOrUnknown, ExtMountMap, InheritFd,
+    JoinNamespace, MessageField, NetworkLockMethod, PageServerInfo, PreDumpMode, ReqType,
 };
 
 pub use lazy::LazyPages;
 
 use conn::{Conn, ConnError};
-use proto::{CriuFeaturesMsg, CriuReq, CriuResp};
+use proto::{request, CriuFeaturesMsg, CriuReq, CriuResp};
 
 use crate::Error;
 
@@ -411,9 +411,10 @@ impl CriuClient {
     /// CRIU's version (`VERSION`).
     pub fn version(&self) -> Result<CriuVersion, Error> {
         let action = "ask CRIU for its version";
-        let done = self.run(action, CriuReq::new(ReqType::Version), &[], None, None)?;
+        let done = self.run(action, request(ReqType::VERSION), &[], None, None)?;
         done.resp
             .version
+            .into_option()
             .ok_or_else(|| criu_err(action, CriuFailure::Protocol, "answer has no version"))
     }
 
@@ -421,16 +422,18 @@ impl CriuClient {
     /// store work here (`FEATURE_CHECK`).
     pub fn check_features(&self) -> Result<CriuFeatures, Error> {
         let action = "check CRIU features";
-        let mut req = CriuReq::new(ReqType::FeatureCheck);
-        req.features = Some(CriuFeaturesMsg {
+        let mut req = request(ReqType::FEATURE_CHECK);
+        req.features = MessageField::some(CriuFeaturesMsg {
             mem_track: Some(true),
             lazy_pages: Some(true),
             pidfd_store: Some(true),
+            ..Default::default()
         });
         let done = self.run(action, req, &[], None, None)?;
         let f = done
             .resp
             .features
+            .into_option()
             .ok_or_else(|| criu_err(action, CriuFailure::Protocol, "answer has no features"))?;
         Ok(CriuFeatures {
             mem_track: f.mem_track.unwrap_or(false),
@@ -442,14 +445,8 @@ impl CriuClient {
     /// Runs `criu check` (`CHECK`): fails with CRIU's first error when this
     /// kernel lacks something CRIU needs.
     pub fn check(&self) -> Result<(), Error> {
-        self.run(
-            "run criu check",
-            CriuReq::new(ReqType::Check),
-            &[],
-            None,
-            None,
-        )
-        .map(|_| ())
+        self.run("run criu check", request(ReqType::CHECK), &[], None, None)
+            .map(|_| ())
     }
 
     /// Dumps the tree rooted at `job.opts.pid` (`DUMP`). `notify` receives
@@ -465,7 +462,7 @@ impl CriuClient {
                 "no pid given (CRIU would dump the caller)",
             ));
         }
-        self.dump_like(&action, ReqType::Dump, job, notify, "dump.log")
+        self.dump_like(&action, ReqType::DUMP, job, notify, "dump.log")
     }
 
     /// One memory pre-dump (`SINGLE_PRE_DUMP`, `track_mem` forced on) into
@@ -486,7 +483,7 @@ impl CriuClient {
         job.opts.track_mem = Some(true);
         self.dump_like(
             &action,
-            ReqType::SinglePreDump,
+            ReqType::SINGLE_PRE_DUMP,
             &job,
             notify,
             "pre-dump.log",
@@ -532,7 +529,7 @@ impl CriuClient {
         let action = format!("restore from {}", job.images_dir.display());
         let (req, _dirs, log_file) = self.prepare(
             &action,
-            ReqType::Restore,
+            ReqType::RESTORE,
             job,
             notify.is_some(),
             "restore.log",
@@ -540,7 +537,7 @@ impl CriuClient {
         let done = self
             .run(&action, req, &job.inherit_fds, notify, None)
             .map_err(|e| with_log(e, &log_file))?;
-        let pid = done.resp.restore_pid.filter(|p| *p > 0).ok_or_else(|| {
+        let pid = done.resp.restore.pid.filter(|p| *p > 0).ok_or_else(|| {
             criu_err(&action, CriuFailure::Protocol, "answer has no restored pid")
         })?;
         Ok(RestoreOutcome {
@@ -565,7 +562,7 @@ impl CriuClient {
         let action = format!("start a page server on {}", job.images_dir.display());
         let (req, _dirs, log_file) = self.prepare(
             &action,
-            ReqType::PageServerChld,
+            ReqType::PAGE_SERVER_CHLD,
             job,
             false,
             "page-server.log",
@@ -573,13 +570,13 @@ impl CriuClient {
         let done = self
             .run(&action, req, &job.inherit_fds, None, None)
             .map_err(|e| with_log(e, &log_file))?;
-        let ps = done.resp.ps.unwrap_or_default();
+        let ps = &done.resp.ps;
         match (ps.pid, ps.port) {
             (Some(pid), Some(port)) if pid > 0 && port > 0 => Ok(PageServer { pid, port }),
-            _ => Err(criu_err(
+            (pid, port) => Err(criu_err(
                 &action,
                 CriuFailure::Protocol,
-                format!("answer lacks the page server's pid or port: {ps:?}"),
+                format!("answer lacks the page server's pid or port: pid {pid:?}, port {port:?}"),
             )),
         }
     }
@@ -607,7 +604,7 @@ impl CriuClient {
         let mut opts = job.opts.clone();
         let mut files = Vec::new();
         let images = open(&job.images_dir, "images dir")?;
-        opts.images_dir_fd = images.as_raw_fd();
+        opts.images_dir_fd = Some(images.as_raw_fd());
         files.push(images);
         if let Some(w) = &job.work_dir {
             let work = open(w, "work dir")?;
@@ -621,8 +618,8 @@ impl CriuClient {
             opts.notify_scripts = Some(true);
         }
         let log_file = job.log_path(default_log);
-        let mut req = CriuReq::new(t);
-        req.opts = Some(opts);
+        let mut req = request(t);
+        req.opts = MessageField::some(opts);
         Ok((req, files, log_file))
     }
 
@@ -637,6 +634,16 @@ impl CriuClient {
         mut notify: Option<&mut NotifyFn<'_>>,
         restore_freezer: Option<(&Path, bool)>,
     ) -> Result<Done, Error> {
+        let encode = |r: &CriuReq| {
+            proto::encode_request(r).map_err(|e| {
+                criu_err(
+                    action,
+                    CriuFailure::Spawn,
+                    format!("cannot encode the request: {e}"),
+                )
+            })
+        };
+        let wire = encode(&req)?;
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
         let path = self.helper_dir.as_deref().map(path_with_first);
@@ -700,7 +707,7 @@ impl CriuClient {
             criu_err(action, failure, detail)
         };
 
-        if let Err(e) = conn.send(&req) {
+        if let Err(e) = conn.send(&wire) {
             return Err(lost(&mut conn, e));
         }
         let resp = loop {
@@ -708,10 +715,10 @@ impl CriuClient {
                 Ok(r) => r,
                 Err(e) => return Err(lost(&mut conn, e)),
             };
-            if resp.resp_type != ReqType::Notify {
+            if resp.type_() != ReqType::NOTIFY {
                 break resp;
             }
-            let n = resp.notify.unwrap_or_default();
+            let n = resp.notify.into_option().unwrap_or_default();
             let script = n.script.unwrap_or_default();
             let at = sent.elapsed();
             let wall = SystemTime::now();
@@ -743,33 +750,30 @@ impl CriuClient {
                 at_ms: ms(at),
                 callback_ms: ms(took),
             });
-            let mut answer = CriuReq::new(ReqType::Notify);
+            let mut answer = request(ReqType::NOTIFY);
             answer.notify_success = Some(result.is_ok());
             if let Err(reason) = result {
                 hook_error = Some(format!("{script} callback failed: {reason}"));
             }
-            if let Err(e) = conn.send(&answer) {
+            if let Err(e) = conn.send(&encode(&answer)?) {
                 return Err(lost(&mut conn, e));
             }
         };
         let wall_ms = ms(sent.elapsed());
         // CRIU answers PAGE_SERVER_CHLD with a PAGE_SERVER response.
-        let expected = match req.req_type {
-            ReqType::PageServerChld => ReqType::PageServer,
+        let expected = match req.type_() {
+            ReqType::PAGE_SERVER_CHLD => ReqType::PAGE_SERVER,
             t => t,
         };
-        if resp.resp_type != expected && resp.resp_type != ReqType::Empty {
+        if resp.type_() != expected && resp.type_() != ReqType::EMPTY {
             conn.kill();
             return Err(criu_err(
                 action,
                 CriuFailure::Protocol,
-                format!(
-                    "asked {:?}, criu answered {:?}",
-                    req.req_type, resp.resp_type
-                ),
+                format!("asked {:?}, criu answered {:?}", req.type_(), resp.type_()),
             ));
         }
-        if !resp.success || resp.resp_type == ReqType::Empty {
+        if !resp.success() || resp.type_() == ReqType::EMPTY {
             let mut detail = String::new();
             if let Some(h) = &hook_error {
                 detail.push_str(h);
@@ -863,5 +867,84 @@ fn with_log(e: Error, log: &Path) -> Error {
             }
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::Criu_network_lock_method;
+    use super::*;
+    use protobuf::Message;
+
+    /// The request a dump sends, with the options a container dump sets and
+    /// those the client fills in, survives encoding for CRIU.
+    #[test]
+    fn prepared_request_carries_the_options() {
+        let dir = std::env::temp_dir().join(format!("ms2m-prepare-{}", std::process::id()));
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let mut job = Job::new(&dir);
+        job.work_dir = Some(work.clone());
+        job.opts = CriuOpts {
+            pid: Some(42),
+            leave_running: Some(true),
+            root: Some("/run/c/rootfs".into()),
+            manage_cgroups_mode: Some(CgMode::IGNORE.into()),
+            network_lock: Some(NetworkLockMethod::Skip.into()),
+            freeze_cgroup: Some("/sys/fs/cgroup/freezer/c".into()),
+            external: vec!["net[4026531992]:extRootNetNS".into()],
+            ext_mnt: vec![ext_mount("/etc/hosts", "/etc/hosts")],
+            ps: MessageField::some(PageServerInfo {
+                address: Some("127.0.0.1".into()),
+                port: Some(27000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let client = CriuClient::new("/nonexistent/criu");
+        let (req, files, log) = client
+            .prepare("test", ReqType::DUMP, &job, true, "dump.log")
+            .unwrap();
+        assert_eq!(log, work.join("dump.log"));
+        let wire = proto::encode_request(&req).unwrap();
+        let back = CriuReq::parse_from_bytes(&wire).unwrap();
+        assert_eq!(back, req);
+        assert_eq!(back.type_(), ReqType::DUMP);
+        let o = &back.opts;
+        assert_eq!(o.images_dir_fd, Some(files[0].as_raw_fd()));
+        assert_eq!(o.work_dir_fd, Some(files[1].as_raw_fd()));
+        assert_eq!(o.log_file(), "dump.log");
+        assert_eq!(o.notify_scripts, Some(true));
+        assert_eq!((o.pid, o.leave_running), (Some(42), Some(true)));
+        assert_eq!(o.manage_cgroups_mode(), CgMode::IGNORE);
+        assert_eq!(o.network_lock(), Criu_network_lock_method::SKIP);
+        assert_eq!(o.freeze_cgroup(), "/sys/fs/cgroup/freezer/c");
+        assert_eq!(o.ext_mnt[0].val(), "/etc/hosts");
+        assert_eq!((o.ps.address(), o.ps.port), ("127.0.0.1", Some(27000)));
+        // what the job left unset stays unset: CRIU's defaults apply
+        assert_eq!(
+            (o.tcp_established, o.shell_job, o.track_mem),
+            (None, None, None)
+        );
+        drop(files);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_encoded_never_starts_criu() {
+        let dir = std::env::temp_dir().join(format!("ms2m-unencodable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut job = Job::new(&dir);
+        job.opts.pid = Some(42);
+        job.opts.inherit_fd.push(InheritFd {
+            key: Some("pipe:[1]".into()),
+            ..Default::default()
+        });
+        let err = CriuClient::new("/nonexistent/criu")
+            .dump(&job, None)
+            .unwrap_err();
+        assert_eq!(err.criu_failure(), Some(CriuFailure::Spawn));
+        assert!(err.to_string().contains("cannot encode"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
