@@ -545,7 +545,9 @@ async fn migrate(
     let mid = offer.migration_id.as_str();
 
     if !args.stop_and_copy {
-        // Refused at once (classic queues) without freezing the source.
+        // Refused at once (no tap, a no-ack classic consumer) without
+        // freezing the source; arms the classic-queue mirror, which an
+        // abort disarms.
         source_request(
             cd,
             id,
@@ -555,6 +557,7 @@ async fn migrate(
         )
         .await
         .context("checking the source")?;
+        undo.source_started = true;
     }
     tl.begin("checkpoint");
     std::fs::create_dir_all(dir.parent().unwrap_or(Path::new("/")))
@@ -582,36 +585,31 @@ async fn migrate(
         .and_then(|b| b.get("captured_at_unix_ms"))
         .and_then(|v| v.as_u64())
         .ok_or_else(|| anyhow!("the checkpoint has no broker cut (is the tap running?)"))?;
-    if !args.stop_and_copy {
-        // Live migration replays what the source processed after the cut;
-        // a classic queue keeps nothing the source acked.
-        let classic: Vec<String> = ck
-            .manifest
-            .as_ref()
-            .and_then(|m| m.extensions.get("broker"))
-            .and_then(|b| b.get("queues"))
-            .and_then(|q| q.as_array())
-            .map(|qs| {
-                qs.iter()
-                    .filter(|q| q.get("kind").and_then(|k| k.as_str()) == Some("classic"))
-                    .filter_map(|q| q.get("name").and_then(|n| n.as_str()).map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !classic.is_empty() {
-            bail!(
-                "container {id} consumes classic queue(s) {classic:?}: live migration replays \
-                 only RabbitMQ streams (a classic queue keeps nothing the source acked after \
-                 the cut); move it with --stop-and-copy. The source keeps serving."
-            );
-        }
-    }
+    // Classic queues replay from the mirror streams the source's tap
+    // fills from the cut on (armed by the check).
+    let classic: Vec<String> = ck
+        .manifest
+        .as_ref()
+        .and_then(|m| m.extensions.get("broker"))
+        .and_then(|b| b.get("queues"))
+        .and_then(|q| q.as_array())
+        .map(|qs| {
+            qs.iter()
+                .filter(|q| q.get("kind").and_then(|k| k.as_str()) == Some("classic"))
+                .filter_map(|q| q.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     if args.stop_and_copy {
         // The source is stopped: from here on a failure restores it here.
         undo.restore_source_from = Some(dir.to_path_buf());
         return stop_and_copy(cd, args, offer, dir, tl, report, undo).await;
     }
-    let ticket = Ticket::new(mid, id, cut_at);
+    let mut ticket = Ticket::new(mid, id, cut_at);
+    ticket.mirrors = classic
+        .iter()
+        .map(|q| (q.clone(), ms2m_tap::mirror::mirror_stream_name(mid, q)))
+        .collect();
     let ticket_file = dir.join(TICKET_FILE);
     std::fs::write(&ticket_file, serde_json::to_vec_pretty(&ticket)?)
         .with_context(|| format!("write {}", ticket_file.display()))?;

@@ -46,7 +46,8 @@ pub const MIGRATE_REQUEST_TYPE_URL: &str = "ms2m.io/migrate.v1";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MigrateRequest {
     /// Before the checkpoint: refuse at once what cannot be migrated live
-    /// (no tap, classic queues), so the source is not frozen for nothing.
+    /// (no tap, a no-ack classic consumer), so the source is not frozen for
+    /// nothing, and arm the classic-queue mirror for the coming cut.
     Check {
         /// The migration.
         migration_id: String,

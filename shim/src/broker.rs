@@ -147,7 +147,15 @@ pub fn resume_of(manifest: &Manifest, cut: Option<Cut>, images: &Path) -> Result
 /// The cut of the checkpoint in `images`, checked for a fence or a
 /// migration: a checkpoint of container `id`, whose cut is `tap`'s last
 /// one, of stream queues only. `what` names the operation in errors.
-fn check_last_stream_cut(id: &str, tap: &Tap, images: &Path, what: &str) -> Result<Cut> {
+/// `mirror_of`: a live migration whose classic-queue mirror (armed by its
+/// `check`) may cover the cut's classic queues.
+fn check_last_stream_cut(
+    id: &str,
+    tap: &Tap,
+    images: &Path,
+    what: &str,
+    mirror_of: Option<&str>,
+) -> Result<Cut> {
     let manifest = Manifest::read(images)
         .map_err(|e| Error::InvalidArgument(format!("{what}: no readable ms2m manifest: {e}")))?;
     let cut = cut_of(&manifest, images)?.ok_or_else(|| {
@@ -171,12 +179,28 @@ fn check_last_stream_cut(id: &str, tap: &Tap, images: &Path, what: &str) -> Resu
     // acked on a classic queue after the cut is gone from the broker, so
     // suppressing the restored instance's first publishes would drop the
     // results of *new* messages.
+    // A live migration's mirror copies them (see ms2m_tap::mirror), when
+    // it was armed for this migration before this very cut.
+    let mirror = tap.mirror_status();
+    let mirrored = |q: &str| {
+        mirror_of.is_some()
+            && mirror.migration_id.as_deref() == mirror_of
+            && mirror.cut_taken_at_unix_ms == Some(cut.captured_at_unix_ms)
+            && mirror.streams.contains_key(q)
+    };
     let classic: Vec<&str> = cut
         .queues
         .iter()
-        .filter(|q| q.kind == ms2m_tap::QueueKind::Classic)
+        .filter(|q| q.kind == ms2m_tap::QueueKind::Classic && !mirrored(&q.name))
         .map(|q| q.name.as_str())
         .collect();
+    if !classic.is_empty() && mirror_of.is_some() {
+        return Err(Error::FailedPrecondition(format!(
+            "{what}: the container consumes classic queue(s) {classic:?} that the migration's \
+             mirror does not cover (it is armed by the migration's `check` before the \
+             checkpoint, for the queues consumed then). The container keeps running."
+        )));
+    }
     if !classic.is_empty() {
         return Err(Error::FailedPrecondition(format!(
             "{what}: the container consumes classic queue(s) {classic:?}, which cannot replay \
@@ -246,7 +270,7 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
         "fence of container {id} for the checkpoint in {}",
         images.display()
     );
-    check_last_stream_cut(id, tap, images, &what)?;
+    check_last_stream_cut(id, tap, images, &what, None)?;
     let was_holding = tap.holding();
     let undo = || async {
         if !was_holding {
@@ -299,8 +323,9 @@ pub async fn migrate_start(
         "migration {migration_id} of container {id} from the checkpoint in {}",
         images.display()
     );
-    let cut = check_last_stream_cut(id, tap, images, &what)?;
-    let ticket = ms2m_tap::Ticket::new(migration_id, id, cut.captured_at_unix_ms);
+    let cut = check_last_stream_cut(id, tap, images, &what, Some(migration_id))?;
+    let mut ticket = ms2m_tap::Ticket::new(migration_id, id, cut.captured_at_unix_ms);
+    ticket.mirrors = tap.mirror_status().streams;
     ticket
         .validate()
         .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;

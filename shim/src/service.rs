@@ -969,17 +969,18 @@ impl Inner {
         let r = async {
             match req {
                 MigrateRequest::Check { migration_id } => {
-                    let classic = tap.consumed_classic_queues();
-                    if classic.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(Error::FailedPrecondition(format!(
-                            "migration {migration_id} of container {id}: it consumes classic \
-                             queue(s) {classic:?}: live migration replays only RabbitMQ streams \
-                             (a classic queue keeps nothing the source acked after the cut); \
-                             move it with --stop-and-copy. The container keeps running."
-                        )))
+                    // Classic queues move through the mirror, armed now so
+                    // that it copies from the coming checkpoint's cut on.
+                    let classic = tap.prepare_mirror(&migration_id).await.map_err(|e| {
+                        Error::FailedPrecondition(format!(
+                            "migration {migration_id} of container {id}: {e}. The container \
+                             keeps running."
+                        ))
+                    })?;
+                    if !classic.is_empty() {
+                        tracing::info!(id, migration_id, queues = ?classic, "classic-queue mirror armed");
                     }
+                    Ok(())
                 }
                 MigrateRequest::Start {
                     migration_id,
@@ -1020,6 +1021,14 @@ impl Inner {
                     migration_id,
                     reason,
                 } => {
+                    let started = self.state.lock().await.get(id)?.migration.is_some();
+                    if !started && tap.mirror_status().migration_id.as_deref() == Some(&migration_id)
+                    {
+                        // Aborted between `check` and `start`: only the
+                        // mirror was armed.
+                        tap.disarm_mirror();
+                        return Ok(());
+                    }
                     let link = self.take_migration(id, &migration_id).await?;
                     link.abort(&tap, &reason).await;
                     Ok(())

@@ -30,6 +30,46 @@ pub(crate) enum Mode {
     Shutdown,
 }
 
+/// One-off orders to every connection, as generation counters: each
+/// connection carries out every increase once and records it in
+/// [`Shared::orders_done`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Orders {
+    /// Source fence (classic-queue mirror): cancel the app's consumers of
+    /// mirrored queues upstream and requeue the deliveries held for them.
+    pub handover: u64,
+    /// Source abort after a handover: consume those queues again.
+    pub reconsume: u64,
+    /// Target going live: move the app's consumers from the mirror streams
+    /// to their queues.
+    pub switch: u64,
+}
+
+/// Which order an [`Orders`] field is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrderKind {
+    Handover,
+    Reconsume,
+    Switch,
+}
+
+impl Orders {
+    pub fn get(&self, k: OrderKind) -> u64 {
+        match k {
+            OrderKind::Handover => self.handover,
+            OrderKind::Reconsume => self.reconsume,
+            OrderKind::Switch => self.switch,
+        }
+    }
+    pub fn set(&mut self, k: OrderKind, v: u64) {
+        match k {
+            OrderKind::Handover => self.handover = v,
+            OrderKind::Reconsume => self.reconsume = v,
+            OrderKind::Switch => self.switch = v,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub connections_total: AtomicU64,
@@ -68,6 +108,13 @@ pub(crate) struct Shared {
     /// Fast-path flag: the gate is closed somewhere (false once live, and
     /// always for an ordinary tap).
     pub shadow_active: AtomicBool,
+    /// The classic-queue mirror of a live migration's source (see
+    /// [`crate::mirror`]).
+    pub mirror: crate::mirror::MirrorState,
+    /// Orders to the connections.
+    pub orders: watch::Sender<Orders>,
+    /// The orders each open connection has carried out.
+    pub orders_done: Mutex<std::collections::HashMap<u64, Orders>>,
 }
 
 impl Shared {
@@ -101,6 +148,40 @@ impl Shared {
 
     fn last_cut(&self) -> MutexGuard<'_, Option<u64>> {
         self.last_cut_ms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connection `conn` carried out order `kind` up to generation `gen`.
+    pub fn order_done(&self, conn: u64, kind: OrderKind, gen: u64) {
+        let mut d = self.orders_done.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(conn).or_default().set(kind, gen);
+    }
+
+    /// Issues order `kind` to every connection and waits (at most
+    /// `bound`) until each open one has carried it out. False on timeout.
+    pub async fn order(&self, kind: OrderKind, bound: Duration) -> bool {
+        let mut gen = 0;
+        self.orders.send_modify(|o| {
+            gen = o.get(kind) + 1;
+            o.set(kind, gen);
+        });
+        let t0 = Instant::now();
+        loop {
+            let done = {
+                let d = self.orders_done.lock().unwrap_or_else(|p| p.into_inner());
+                d.values().all(|o| o.get(kind) >= gen)
+            };
+            if done {
+                return true;
+            }
+            if t0.elapsed() >= bound {
+                warn!(
+                    ?kind,
+                    "ms2m tap: not every connection carried out the order in time"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
     }
 }
 
@@ -208,7 +289,15 @@ impl Tap {
             shadow_active: AtomicBool::new(gate.is_some()),
             exited: AtomicBool::new(false),
             gate: crate::migration::Gate::new(gate),
+            mirror: Default::default(),
+            orders: watch::channel(Orders::default()).0,
+            orders_done: Mutex::new(Default::default()),
         });
+        if let Some(m) = shadow.as_ref().map(|s| &s.ticket.mirrors) {
+            if !m.is_empty() {
+                shared.ledger().replay_mirrors(m);
+            }
+        }
         if let Some(shadow) = shadow {
             crate::migration::spawn_target(shared.clone(), shadow);
         }
@@ -305,6 +394,7 @@ impl Tap {
     pub fn capture_cut(&self, quiesce: &Quiesce) -> Cut {
         let now = unix_ms();
         let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
+        self.shared.mirror.cut_taken(now);
         {
             let mut last = self.shared.last_cut();
             *last = Some(now);
@@ -414,9 +504,64 @@ impl Tap {
     }
 
     /// The container's init process exited: a live migration's shadow
-    /// stops and tells the room (its app is gone); nothing else changes.
+    /// stops and tells the room (its app is gone); a source's classic-queue
+    /// mirror is deleted (its target went live, or the migration is over).
     pub fn container_exited(&self) {
         self.shared.exited.store(true, Ordering::SeqCst);
+        self.shared.mirror.disarm(true);
+    }
+
+    /// Arms the classic-queue mirror for live migration `migration_id` (see
+    /// [`crate::mirror`]): call before the migration's leave-running
+    /// checkpoint. From then on the tap keeps the content of classic
+    /// deliveries until the app settles them, and from that checkpoint's
+    /// cut on it copies every one the app acks into the migration's mirror
+    /// stream before forwarding the ack. Returns the mirrored queues (none:
+    /// nothing armed, the app consumes only streams).
+    ///
+    /// Refused (nothing armed) for a no-ack consumer of a classic queue
+    /// (the broker forgets its messages on delivery), for one on a channel
+    /// without a prefetch limit (the target replays the mirror stream
+    /// through the app's channel, and RabbitMQ streams need one), and when
+    /// the broker cannot be reached.
+    pub async fn prepare_mirror(&self, migration_id: &str) -> Result<Vec<String>, TapError> {
+        crate::migration::validate_migration_id(migration_id)?;
+        let classic = self.consumed_classic_queues();
+        if classic.is_empty() {
+            return Ok(classic);
+        }
+        self.shared.ledger().check_mirrorable(&classic)?;
+        let streams: std::collections::BTreeMap<String, String> = classic
+            .iter()
+            .map(|q| {
+                (
+                    q.clone(),
+                    crate::mirror::mirror_stream_name(migration_id, q),
+                )
+            })
+            .collect();
+        let cfg =
+            self.shared.config.control.clone().ok_or_else(|| {
+                TapError::Config("the tap has no control link configuration".into())
+            })?;
+        let names: Vec<String> = streams.values().cloned().collect();
+        let publisher = crate::mirror::Publisher::open(&cfg, &names).await?;
+        self.shared.mirror.arm(migration_id, streams, publisher);
+        info!(migration = migration_id, queues = ?classic, "ms2m tap: classic-queue mirror armed");
+        Ok(classic)
+    }
+
+    /// Disarms the classic-queue mirror and deletes its streams (a
+    /// migration aborted before its `start`).
+    pub fn disarm_mirror(&self) {
+        self.shared.mirror.disarm(true);
+    }
+
+    /// The classic-queue mirror's state: the migration it is armed for, the
+    /// cut it copies from, why it is incomplete (a failed copy), and its
+    /// streams per queue.
+    pub fn mirror_status(&self) -> crate::mirror::MirrorStatus {
+        self.shared.mirror.status()
     }
 
     /// Publishes suppressed so far (see [`Resume::suppress_publishes`]).

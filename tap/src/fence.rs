@@ -322,8 +322,9 @@ impl<T> ContentGate<T> {
                     )
                 });
                 match ids {
-                    // basic.return, basic.deliver, basic.get-ok
-                    Some((60, 50 | 60 | 71)) => {
+                    // basic.return, basic.deliver, basic.get-ok; and
+                    // basic.publish (the client's direction)
+                    Some((60, 40 | 50 | 60 | 71)) => {
                         self.state.insert(ch, Content::AwaitHeader);
                         false
                     }

@@ -109,12 +109,24 @@ pub struct LedgerTotals {
     pub unsettled: u64,
 }
 
+/// A classic queue a migration's target replays from its mirror stream
+/// first (see [`crate::mirror`]).
+#[derive(Debug, Clone)]
+struct MirrorReplay {
+    stream: String,
+    /// The first consume was rewritten (later ones continue from the
+    /// ledger's progress).
+    used: bool,
+}
+
 /// The ledger of one tap.
 #[derive(Debug, Default)]
 pub struct Ledger {
     conns: HashMap<u64, ConnLedger>,
     queues: BTreeMap<String, QueueLedger>,
     resume: HashMap<String, Resume>,
+    /// Classic queues replayed from a mirror stream until the switch.
+    mirrors: HashMap<String, MirrorReplay>,
     totals: LedgerTotals,
 }
 
@@ -281,7 +293,97 @@ impl Ledger {
         None
     }
 
+    /// A migration's target: the app's consumes of these classic queues
+    /// (queue → mirror stream) are rewritten onto the mirror streams, from
+    /// their start, until [`Ledger::switch_mirrors`]. Their positions on
+    /// the mirror count as the queues' stream positions meanwhile.
+    pub fn replay_mirrors(&mut self, mirrors: &BTreeMap<String, String>) {
+        for (q, stream) in mirrors {
+            self.queues.entry(q.clone()).or_default().stream = true;
+            self.mirrors.insert(
+                q.clone(),
+                MirrorReplay {
+                    stream: stream.clone(),
+                    used: false,
+                },
+            );
+        }
+    }
+
+    /// Whether the app's consumers of classic queue `q` are on its mirror.
+    pub fn replaying_mirror(&self, q: &str) -> bool {
+        self.mirrors.contains_key(q)
+    }
+
+    /// The replay of the mirrors is over: the queues are classic again, and
+    /// later consumes are left as the app sends them. Returns the queues.
+    pub fn switch_mirrors(&mut self) -> Vec<String> {
+        let qs: Vec<String> = self.mirrors.drain().map(|(q, _)| q).collect();
+        for q in &qs {
+            if let Some(ql) = self.queues.get_mut(q) {
+                ql.stream = false;
+                ql.next_offset = None;
+                ql.offset_spec = None;
+            }
+        }
+        qs
+    }
+
+    /// The consumers of connection `conn` on any of `queues`, with their
+    /// channel, in channel order.
+    pub fn consumers_of(&self, conn: u64, queues: &dyn Fn(&str) -> bool) -> Vec<(u16, Consumer)> {
+        let mut v: Vec<(u16, Consumer)> = self
+            .conns
+            .get(&conn)
+            .map(|c| {
+                c.channels
+                    .iter()
+                    .flat_map(|(ch, chl)| chl.consumers.values().map(|c| (*ch, c.clone())))
+                    .filter(|(_, c)| queues(&c.queue))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| (a.0, &a.1.tag).cmp(&(b.0, &b.1.tag)));
+        v
+    }
+
+    /// Checks that the consumers of `queues` can be mirrored: no no-ack
+    /// consumer (the broker forgets its messages on delivery) and a
+    /// prefetch limit on their channel (the target replays a stream there).
+    pub fn check_mirrorable(&self, queues: &[String]) -> Result<(), crate::TapError> {
+        for c in self.conns.values() {
+            for (ch, chl) in &c.channels {
+                for cons in chl.consumers.values() {
+                    if !queues.contains(&cons.queue) {
+                        continue;
+                    }
+                    if cons.no_ack {
+                        return Err(crate::TapError::Config(format!(
+                            "consumer {} of classic queue {} is no-ack: the broker forgets \
+                             its messages on delivery, so they cannot be mirrored for a live \
+                             migration (use manual acks, or --stop-and-copy)",
+                            cons.tag, cons.queue
+                        )));
+                    }
+                    if chl.prefetch.unwrap_or(0) == 0 {
+                        return Err(crate::TapError::Config(format!(
+                            "consumer {} of classic queue {} is on channel {ch} without a \
+                             prefetch limit (basic.qos): the target replays the queue's mirror \
+                             stream on that channel, and RabbitMQ streams need one \
+                             (set basic.qos, or use --stop-and-copy)",
+                            cons.tag, cons.queue
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn consume(&mut self, conn: u64, ch: u16, c: &basic::Consume) -> Option<AMQPClass> {
+        if self.mirrors.contains_key(c.queue.as_str()) {
+            return self.consume_mirror(conn, ch, c);
+        }
         let qname = c.queue.to_string();
         let mut args = c.arguments.clone();
         let asked = args.inner().get(X_STREAM_OFFSET).and_then(offset_spec_of);
@@ -335,6 +437,45 @@ impl Ledger {
             chl.pending_consumes.push_back(consumer);
         }
         rewritten
+    }
+
+    /// A consume of a classic queue replayed from its mirror: rewritten
+    /// onto the mirror stream, from its start the first time and from the
+    /// ledger's progress after (the app reconnected). The consumer keeps
+    /// the app's queue name and arguments (for the switch back).
+    fn consume_mirror(&mut self, conn: u64, ch: u16, c: &basic::Consume) -> Option<AMQPClass> {
+        let qname = c.queue.to_string();
+        let progress = self.queues.get(&qname).and_then(|q| q.next_offset);
+        let m = self.mirrors.get_mut(&qname)?;
+        let start = if m.used { progress.unwrap_or(0) } else { 0 };
+        m.used = true;
+        let mut args = c.arguments.clone();
+        args.insert(
+            X_STREAM_OFFSET.into(),
+            offset_spec_value(&OffsetSpec::Offset(start)),
+        );
+        let mut nc = c.clone();
+        nc.queue = m.stream.as_str().into();
+        nc.arguments = args;
+        info!(
+            queue = %qname,
+            mirror = %m.stream,
+            start,
+            "ms2m tap: replaying a classic queue from its mirror stream"
+        );
+        let consumer = Consumer {
+            tag: c.consumer_tag.to_string(),
+            queue: qname,
+            arguments: c.arguments.clone(),
+            no_ack: c.no_ack,
+        };
+        let chl = self.chan(conn, ch);
+        if c.nowait {
+            chl.consumers.insert(consumer.tag.clone(), consumer);
+        } else {
+            chl.pending_consumes.push_back(consumer);
+        }
+        Some(AMQPClass::Basic(basic::AMQPMethod::Consume(nc)))
     }
 
     fn settle(&mut self, conn: u64, ch: u16, tag: u64, multiple: bool, ack: bool) {

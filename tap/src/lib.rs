@@ -111,6 +111,7 @@ pub mod ledger;
 pub mod link;
 mod listener;
 pub mod migration;
+pub mod mirror;
 mod proxy;
 
 use std::fmt;

@@ -165,6 +165,29 @@ impl LinkConfig {
         })
     }
 
+    /// The whole `amqp://` URL with the credentials, percent-encoded, for
+    /// another AMQP client (never log it).
+    pub(crate) fn amqp_url(&self) -> String {
+        let enc = |s: &str| {
+            let mut out = String::new();
+            for c in s.bytes() {
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    out.push(c as char);
+                } else {
+                    out.push_str(&format!("%{c:02X}"));
+                }
+            }
+            out
+        };
+        format!(
+            "amqp://{}:{}@{}/{}",
+            enc(&self.user),
+            enc(&self.password),
+            self.addr(),
+            enc(&self.vhost)
+        )
+    }
+
     /// `host:port` (IPv6 in brackets), for messages.
     fn addr(&self) -> String {
         if self.host.contains(':') {

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
-use crate::control::{Mode, Shared};
+use crate::control::{Mode, OrderKind, Shared};
 use crate::fence::Fence;
 use crate::link::{self, LinkSender};
 use crate::{Tap, TapError};
@@ -67,6 +67,17 @@ const TARGET_TICK: Duration = Duration::from_millis(20);
 const TARGET_HEARTBEAT: Duration = Duration::from_millis(250);
 /// How often the target checks for the end of its replay after the fence.
 const CUTOVER_TICK: Duration = Duration::from_micros(500);
+/// Bound on the connections carrying out a handover, reconsume or switch.
+const ORDER_BOUND: Duration = Duration::from_secs(2);
+
+/// The source's acked position per queue: stream queues by their offset,
+/// mirrored classic queues by the number of messages copied to their
+/// mirror since the cut (the target's offset on the mirror stream).
+fn source_positions(shared: &Shared) -> Positions {
+    let mut p = shared.ledger().stream_positions();
+    p.extend(shared.mirror.counts());
+    p
+}
 
 /// What a live migration's checkpoint carries for the target (see
 /// [`TICKET_FILE`]).
@@ -81,6 +92,11 @@ pub struct Ticket {
     /// [`Cut::captured_at_unix_ms`](crate::Cut::captured_at_unix_ms) of the
     /// checkpoint's cut: the source counts its publishes from there.
     pub cut_taken_at_unix_ms: u64,
+    /// Classic queues the target replays from the source's mirror streams
+    /// first (queue → stream; see [`crate::mirror`]). Empty when the app
+    /// consumes only streams.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mirrors: BTreeMap<String, String>,
 }
 
 impl Ticket {
@@ -92,6 +108,7 @@ impl Ticket {
             migration_id: migration_id.to_string(),
             source_container: source_container.to_string(),
             cut_taken_at_unix_ms,
+            mirrors: BTreeMap::new(),
         }
     }
 
@@ -267,6 +284,9 @@ pub struct SourceLink {
     ticket: Ticket,
     tx: LinkSender,
     progress: JoinHandle<()>,
+    /// The fence handed the classic consumers over (an abort takes them
+    /// back).
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for SourceLink {
@@ -309,7 +329,7 @@ impl Tap {
                         },
                     }
                     let now = (
-                        shared.ledger().stream_positions(),
+                        source_positions(&shared),
                         shared.counters.publishes_since_cut.load(Ordering::SeqCst),
                     );
                     if last.as_ref() == Some(&now) && last_sent.elapsed() < SOURCE_HEARTBEAT {
@@ -334,6 +354,7 @@ impl Tap {
             ticket: ticket.clone(),
             tx,
             progress,
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -368,12 +389,41 @@ impl SourceLink {
                 fence.cut_taken_at_unix_ms, self.ticket.cut_taken_at_unix_ms
             )));
         }
+        let mirror = tap.shared.mirror.status();
+        if mirror.migration_id.is_some() {
+            let refuse = if let Some(why) = mirror.broken {
+                Some(format!("the classic-queue mirror is incomplete ({why})"))
+            } else if mirror.migration_id.as_deref() != Some(&self.ticket.migration_id)
+                || mirror.cut_taken_at_unix_ms != Some(self.ticket.cut_taken_at_unix_ms)
+            {
+                Some("the classic-queue mirror is not this migration's".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = refuse {
+                tap.release().await;
+                return Err(TapError::Config(format!(
+                    "{why}; not fenced, the source goes on"
+                )));
+            }
+            self.handed_over.store(true, Ordering::SeqCst);
+            if !tap.shared.order(OrderKind::Handover, ORDER_BOUND).await {
+                self.take_back(tap).await;
+                tap.release().await;
+                return Err(TapError::Config(
+                    "the classic consumers could not be handed over in time; not fenced, \
+                     the source goes on"
+                        .into(),
+                ));
+            }
+        }
         let sig = Signal::Fence {
-            next: tap.shared.ledger().stream_positions(),
+            next: source_positions(&tap.shared),
             publishes: fence.publishes_after_cut,
             at_unix_us: unix_us(),
         };
         if let Err(e) = send(&self.tx, &self.ticket.migration_id, Role::Source, sig).await {
+            self.take_back(tap).await;
             tap.release().await;
             return Err(e);
         }
@@ -392,10 +442,20 @@ impl SourceLink {
             reason: reason.to_string(),
         };
         let _ = send(&self.tx, &self.ticket.migration_id, Role::Source, sig).await;
+        self.take_back(tap).await;
         if tap.holding() {
             tap.release().await;
         }
+        // The target is gone: its mirror streams too.
+        tap.shared.mirror.disarm(true);
         info!(migration = %self.ticket.migration_id, reason, "ms2m tap: migration aborted");
+    }
+
+    /// After a handover: the app's classic consumers consume again.
+    async fn take_back(&self, tap: &Tap) {
+        if self.handed_over.swap(false, Ordering::SeqCst) {
+            tap.shared.order(OrderKind::Reconsume, ORDER_BOUND).await;
+        }
     }
 }
 
@@ -541,8 +601,27 @@ async fn run_target(shared: &Arc<Shared>, shadow: &Shadow) -> Result<(), TapErro
         }
         let next = shared.ledger().stream_positions();
         if let Some((f, publishes)) = &fence {
-            let caught_up = f.iter().all(|(q, &n)| next.get(q).is_some_and(|&t| t >= n));
+            let caught_up = f
+                .iter()
+                .all(|(q, &n)| next.get(q).copied().unwrap_or(0) >= n);
             if caught_up && shared.suppress_remaining.load(Ordering::SeqCst) == 0 {
+                if !shadow.ticket.mirrors.is_empty() {
+                    // Replayed every mirror to the source's end: consume
+                    // the classic queues themselves (the source handed
+                    // them over at its fence).
+                    if !shared.order(OrderKind::Switch, ORDER_BOUND).await {
+                        return fail(
+                            &tx,
+                            id,
+                            "the app's consumers could not be moved from the mirror streams \
+                             to their queues in time"
+                                .into(),
+                        )
+                        .await;
+                    }
+                    let queues = shared.ledger().switch_mirrors();
+                    info!(migration = %id, ?queues, "ms2m tap: classic queues taken over from the mirror");
+                }
                 go_live(shared);
                 let suppressed = shared.counters.suppressed.load(Ordering::SeqCst);
                 let at = unix_us();

@@ -26,34 +26,51 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::codec::{self, CodecError, FrameReader, FRAME_HEADER, FRAME_METHOD};
-use crate::control::{Mode, Shared};
+use crate::codec::{self, CodecError, FrameReader, FRAME_BODY, FRAME_HEADER, FRAME_METHOD};
+use crate::control::{Mode, OrderKind, Orders, Shared};
 use crate::fence::{self, ContentDrop, ContentGate, DropStep};
-use crate::ledger::{header_fields, Delivery};
+use crate::ledger::{header_fields, Consumer, Delivery};
+use crate::mirror::{Retained, ToMirror};
 
 /// A frame the tap itself sends the client (channel, encoded frame).
 type Injected = (u16, Vec<u8>);
 
+/// A frame the tap itself sends the broker on the app's connection
+/// (channel, encoded frame, and the order it completes once written).
+type UpInject = (u16, Vec<u8>, Option<(OrderKind, u64)>);
+
 const READ_CHUNK: usize = 64 * 1024;
 
-/// What a direction woke up for: bytes read, a new mode, or a frame to
-/// inject.
-enum Wake {
+/// What a direction woke up for: bytes read, a new mode, a frame to
+/// inject, or new orders.
+enum Wake<T> {
     Read(usize),
     Mode(Mode),
-    Inject(Injected),
+    Inject(T),
+    Orders,
 }
 
 /// Reads from `rd` into `reader`, or returns the new mode when it changes
 /// first (a dropped sender counts as [`Mode::Shutdown`]), or a frame from
-/// `inject` when one comes first.
-async fn read_or_mode(
+/// `inject` when one comes first, or new `orders`.
+async fn read_or_mode<T>(
     rd: &mut OwnedReadHalf,
     reader: &mut FrameReader,
     mode: &mut watch::Receiver<Mode>,
-    inject: Option<&mut mpsc::UnboundedReceiver<Injected>>,
+    inject: Option<&mut mpsc::UnboundedReceiver<T>>,
+    orders: Option<&mut watch::Receiver<Orders>>,
     side: &'static str,
-) -> Result<Wake, PairError> {
+) -> Result<Wake<T>, PairError> {
+    let orders = async {
+        match orders {
+            Some(o) => {
+                if o.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
     let injected = async {
         match inject {
             Some(rx) => match rx.recv().await {
@@ -71,6 +88,7 @@ async fn read_or_mode(
             Ok(Wake::Mode(if r.is_err() { Mode::Shutdown } else { *mode.borrow_and_update() }))
         }
         f = injected => Ok(Wake::Inject(f)),
+        _ = orders => Ok(Wake::Orders),
     }
 }
 
@@ -168,10 +186,25 @@ async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64
         frame_max: &frame_max,
     };
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
+    let (up_tx, up_rx) = mpsc::unbounded_channel();
+    // Orders issued before this connection existed do not concern it.
+    let orders = shared.orders.subscribe();
+    let seen = *orders.borrow();
+    shared
+        .orders_done
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, seen);
     let res = tokio::select! {
-        r = pair.client_to_upstream(cr, uw, shared.mode.subscribe(), inject_tx) => r,
-        r = pair.upstream_to_client(ur, cw, shared.mode.subscribe(), inject_rx) => r,
+        r = pair.client_to_upstream(cr, uw, shared.mode.subscribe(), inject_tx, up_rx) => r,
+        r = pair.upstream_to_client(ur, cw, shared.mode.subscribe(), inject_rx, up_tx, orders) => r,
     };
+    shared
+        .orders_done
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    shared.mirror.forget(id, None);
     match res {
         Ok(End::ClientClosed) => debug!(conn = id, %peer, "ms2m tap: client closed"),
         Ok(End::UpstreamClosed) => {
@@ -284,6 +317,30 @@ fn offer(gate: &mut Option<ContentGate<Vec<u8>>>, ch: u16, bytes: Vec<u8>) -> Op
     }
 }
 
+/// Appends a frame of the tap's own for the broker to `out`, noting the
+/// order it completes.
+fn put_up(f: UpInject, out: &mut Vec<u8>, done: &mut Vec<(OrderKind, u64)>) {
+    out.extend_from_slice(&f.1);
+    if let Some(d) = f.2 {
+        done.push(d);
+    }
+}
+
+/// Encodes one method frame of the tap's own for the broker.
+fn up_frame(ch: u16, m: AMQPClass, order: Option<(OrderKind, u64)>) -> Option<UpInject> {
+    let mut b = Vec::with_capacity(64);
+    match codec::encode_method(ch, &m, &mut b) {
+        Ok(()) => Some((ch, b, order)),
+        Err(e) => {
+            warn!(
+                channel = ch,
+                "ms2m tap: cannot encode a frame of its own: {e}"
+            );
+            None
+        }
+    }
+}
+
 /// True for a basic.deliver or basic.get-ok method frame (whole frame).
 fn is_delivery_frame(frame: &[u8]) -> bool {
     frame.len() >= 11
@@ -322,6 +379,7 @@ impl Pair<'_> {
         mut uw: OwnedWriteHalf,
         mut mode: watch::Receiver<Mode>,
         inject: mpsc::UnboundedSender<Injected>,
+        mut up: mpsc::UnboundedReceiver<UpInject>,
     ) -> Result<End, PairError> {
         let side = "client";
         let mut reader = FrameReader::new(self.shared.config.max_frame);
@@ -329,9 +387,30 @@ impl Pair<'_> {
         let mut handshake = false;
         // Channels inside the content of a suppressed publish.
         let mut dropping: HashMap<u16, ContentDrop> = HashMap::new();
+        // The app's publish contents per channel: the tap's own frames for
+        // a channel wait until its content is complete.
+        let mut content: ContentGate<UpInject> = ContentGate::default();
+        // Orders completed by what `out` holds, recorded once written.
+        let mut done: Vec<(OrderKind, u64)> = Vec::new();
         loop {
-            let n = match read_or_mode(&mut cr, &mut reader, &mut mode, None, side).await? {
+            let woke =
+                read_or_mode(&mut cr, &mut reader, &mut mode, Some(&mut up), None, side).await?;
+            let n = match woke {
                 Wake::Read(n) => n,
+                Wake::Inject(first) => {
+                    let mut frames = vec![first];
+                    while let Ok(f) = up.try_recv() {
+                        frames.push(f);
+                    }
+                    for f in frames {
+                        let ch = f.0;
+                        if let Some(f) = content.offer(ch, f) {
+                            put_up(f, &mut out, &mut done);
+                        }
+                    }
+                    self.write_up(&mut uw, &mut out, &mut done).await?;
+                    continue;
+                }
                 Wake::Mode(Mode::Exit) => {
                     let close =
                         AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
@@ -348,7 +427,7 @@ impl Pair<'_> {
                     return Ok(End::Exit);
                 }
                 Wake::Mode(Mode::Shutdown) => return Ok(End::Shutdown),
-                Wake::Mode(_) | Wake::Inject(_) => continue,
+                Wake::Mode(_) | Wake::Orders => continue,
             };
             if n == 0 {
                 return Ok(End::ClientClosed);
@@ -419,6 +498,14 @@ impl Pair<'_> {
                             .fetch_add(1, Ordering::SeqCst);
                     } else {
                         let m = decode(payload, side)?;
+                        if self.shared.mirror.capture.load(Ordering::Relaxed) {
+                            if let Some(tm) = self.mirror_settle(f.channel, &m) {
+                                // The copies first, then the ack: flush what
+                                // came before it, in order.
+                                self.write_up(&mut uw, &mut out, &mut done).await?;
+                                self.copy_to_mirror(tm).await;
+                            }
+                        }
                         if let AMQPClass::Connection(connection::AMQPMethod::TuneOk(t)) = &m {
                             let fm = if t.frame_max == 0 {
                                 self.shared.config.max_frame
@@ -432,23 +519,79 @@ impl Pair<'_> {
                         if let Some(rw) = rewritten {
                             codec::encode_method(f.channel, &rw, &mut out)
                                 .map_err(PairError::Other)?;
+                            for f in content.feed(f.channel, FRAME_METHOD, &[]) {
+                                put_up(f, &mut out, &mut done);
+                            }
                             continue;
                         }
                     }
                 }
                 out.extend_from_slice(&reader.buffered()[f.range()]);
+                for f in content.feed(f.channel, f.kind, &reader.buffered()[f.payload_range()]) {
+                    put_up(f, &mut out, &mut done);
+                }
             }
             self.shared
                 .counters
                 .frames_from_client
                 .fetch_add(frames, Ordering::Relaxed);
-            if !out.is_empty() {
-                uw.write_all(&out).await.map_err(|err| PairError::Io {
-                    side: "broker",
-                    err,
-                })?;
-                out.clear();
+            self.write_up(&mut uw, &mut out, &mut done).await?;
+        }
+    }
+
+    /// Writes `out` to the broker and records the orders it completed.
+    async fn write_up(
+        &self,
+        uw: &mut OwnedWriteHalf,
+        out: &mut Vec<u8>,
+        done: &mut Vec<(OrderKind, u64)>,
+    ) -> Result<(), PairError> {
+        if !out.is_empty() {
+            uw.write_all(out).await.map_err(|err| PairError::Io {
+                side: "broker",
+                err,
+            })?;
+            out.clear();
+        }
+        for (kind, gen) in done.drain(..) {
+            self.shared.order_done(self.id, kind, gen);
+        }
+        Ok(())
+    }
+
+    /// The app settled classic deliveries whose content the mirror keeps:
+    /// what to copy into the mirror before its ack goes on (see
+    /// [`crate::mirror`]). Channel closes and recovers forget kept content.
+    fn mirror_settle(&self, ch: u16, m: &AMQPClass) -> Option<ToMirror> {
+        let mirror = &self.shared.mirror;
+        let (tag, multiple, ack) = match m {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => (a.delivery_tag, a.multiple, true),
+            AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => (n.delivery_tag, n.multiple, false),
+            AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => (r.delivery_tag, false, false),
+            AMQPClass::Basic(
+                basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_),
+            ) => (0, true, false),
+            AMQPClass::Channel(channel::AMQPMethod::Close(_) | channel::AMQPMethod::CloseOk(_)) => {
+                mirror.forget(self.id, Some(ch));
+                return None;
             }
+            _ => return None,
+        };
+        mirror.settle(self.id, ch, tag, multiple, ack)
+    }
+
+    /// Publishes the copies (all, then waits for every confirm) and counts
+    /// them. A failure marks the mirror broken (the migration is refused at
+    /// its fence); the app's ack goes on either way.
+    async fn copy_to_mirror(&self, tm: ToMirror) {
+        let mirror = &self.shared.mirror;
+        match tm.publisher.publish_all(&tm.entries).await {
+            Ok(()) => {
+                for (_, r) in &tm.entries {
+                    mirror.confirmed(&r.queue);
+                }
+            }
+            Err(e) => mirror.fail(e),
         }
     }
 
@@ -458,8 +601,14 @@ impl Pair<'_> {
         mut cw: OwnedWriteHalf,
         mut mode: watch::Receiver<Mode>,
         mut inject: mpsc::UnboundedReceiver<Injected>,
+        up: mpsc::UnboundedSender<UpInject>,
+        mut orders: watch::Receiver<Orders>,
     ) -> Result<End, PairError> {
         let side = "broker";
+        let mut seen_orders = *orders.borrow_and_update();
+        // The classic-queue mirror (source side): contents being kept, and
+        // after a handover the channels whose delivery content is dropped.
+        let mut mirror = MirrorSide::default();
         let counters = &self.shared.counters;
         let mut reader = FrameReader::new(self.shared.config.max_frame);
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -523,9 +672,32 @@ impl Pair<'_> {
                 })?;
                 out.clear();
             }
-            let n = match read_or_mode(&mut ur, &mut reader, &mut mode, Some(&mut inject), side)
-                .await?
-            {
+            let woke = read_or_mode(
+                &mut ur,
+                &mut reader,
+                &mut mode,
+                Some(&mut inject),
+                Some(&mut orders),
+                side,
+            )
+            .await?;
+            let n = match woke {
+                Wake::Orders => {
+                    let now = *orders.borrow_and_update();
+                    self.carry_out(
+                        seen_orders,
+                        now,
+                        &up,
+                        &mut mirror,
+                        &mut held,
+                        &mut held_deliveries,
+                        &mut held_channels,
+                        &mut held_count,
+                        &mut pending,
+                    );
+                    seen_orders = now;
+                    continue;
+                }
                 Wake::Inject((ch, bytes)) => {
                     // A frame of the tap's own (an ack for a suppressed
                     // publish): in order with its channel's held frames, and
@@ -607,6 +779,19 @@ impl Pair<'_> {
                     Some(g) => g.feed(ch, f.kind, &reader.buffered()[f.payload_range()]),
                     None => Vec::new(),
                 };
+                // The content of a delivery handed back to the broker.
+                if mirror.dropping.contains(&ch) {
+                    if f.kind == FRAME_METHOD {
+                        mirror.dropping.remove(&ch);
+                    } else {
+                        for b in released {
+                            place(ch, b, &held_channels, &mut held, &mut out);
+                        }
+                        continue;
+                    }
+                }
+                // Set when this frame is handed back to the broker.
+                let mut drop_this = false;
                 // Publisher confirms are never held: they need no order
                 // with deliveries, and an app that acks a delivery only
                 // after its result is confirmed on the same channel would
@@ -623,14 +808,36 @@ impl Pair<'_> {
                         AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
                             let delivery =
                                 self.shared.ledger().delivery_from_deliver(self.id, ch, d);
-                            self.delivery(
-                                delivery,
-                                holding || shadow,
-                                &mut hold_this,
-                                &mut held_deliveries,
-                                &mut held_count,
-                                &mut pending,
-                            );
+                            if mirror.handed_over && self.shared.mirror.mirrors(&delivery.queue) {
+                                // After the fence's handover: back to the
+                                // queue, for the target.
+                                let nack = requeue(delivery.delivery_tag);
+                                if let Some(f) = up_frame(ch, nack, None) {
+                                    let _ = up.send(f);
+                                }
+                                mirror.dropping.insert(ch);
+                                pending.remove(&ch);
+                                drop_this = true;
+                                hold_this = false;
+                            } else {
+                                if self.shared.mirror.capture.load(Ordering::Relaxed)
+                                    && !delivery.no_ack
+                                    && self.shared.mirror.mirrors(&delivery.queue)
+                                {
+                                    mirror.capturing.insert(
+                                        ch,
+                                        Capture::new(delivery.delivery_tag, &delivery.queue),
+                                    );
+                                }
+                                self.delivery(
+                                    delivery,
+                                    holding || shadow,
+                                    &mut hold_this,
+                                    &mut held_deliveries,
+                                    &mut held_count,
+                                    &mut pending,
+                                );
+                            }
                         }
                         AMQPClass::Basic(basic::AMQPMethod::GetOk(g)) => {
                             let delivery =
@@ -666,7 +873,9 @@ impl Pair<'_> {
                         }
                         AMQPClass::Channel(
                             channel::AMQPMethod::Close(_) | channel::AMQPMethod::CloseOk(_),
-                        ) if hold_this => {
+                        ) if hold_this || self.shared.mirror.capture.load(Ordering::Relaxed) => {
+                            mirror.capturing.remove(&ch);
+                            self.shared.mirror.forget(self.id, Some(ch));
                             // The channel is going away: the broker requeues
                             // what it delivered on it, so drop what is held
                             // there and let the close through.
@@ -698,6 +907,25 @@ impl Pair<'_> {
                         other => self.shared.ledger().server_method(self.id, ch, other),
                     }
                 } else if f.kind == FRAME_HEADER {
+                    if let Some(c) = mirror.capturing.get_mut(&ch) {
+                        let payload = &reader.buffered()[f.payload_range()];
+                        match c.header(payload) {
+                            Ok(Some(r)) => {
+                                let tag = c.tag;
+                                mirror.capturing.remove(&ch);
+                                if let Some(r) = r {
+                                    self.shared.mirror.retain(self.id, ch, tag, r);
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(()) => {
+                                return Err(PairError::Decode {
+                                    side,
+                                    what: "content header",
+                                })
+                            }
+                        }
+                    }
                     if let Some(p) = pending.remove(&ch) {
                         let payload = &reader.buffered()[f.payload_range()];
                         let (_, h) =
@@ -722,11 +950,22 @@ impl Pair<'_> {
                         }
                     }
                 }
+                if f.kind == FRAME_BODY {
+                    if let Some(c) = mirror.capturing.get_mut(&ch) {
+                        if let Some(r) = c.body(&reader.buffered()[f.payload_range()]) {
+                            let tag = c.tag;
+                            mirror.capturing.remove(&ch);
+                            self.shared.mirror.retain(self.id, ch, tag, r);
+                        }
+                    }
+                }
                 let bytes = match &replacement {
                     Some(b) => b.as_slice(),
                     None => &reader.buffered()[f.range()],
                 };
-                if hold_this {
+                if drop_this {
+                    // Handed back to the broker: the app never sees it.
+                } else if hold_this {
                     held_channels.insert(ch);
                     held.push((ch, bytes.to_vec()));
                 } else {
@@ -830,6 +1069,111 @@ impl Pair<'_> {
         held_channels.retain(|c| blocked.contains(c));
     }
 
+    /// Carries out the orders that moved from `seen` to `now` (see
+    /// [`crate::control::Orders`]), sending the frames they need to the
+    /// broker through the client direction.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out(
+        &self,
+        seen: Orders,
+        now: Orders,
+        up: &mpsc::UnboundedSender<UpInject>,
+        mirror: &mut MirrorSide,
+        held: &mut Vec<(u16, Vec<u8>)>,
+        held_deliveries: &mut Vec<Delivery>,
+        held_channels: &mut HashSet<u16>,
+        held_count: &mut HeldCount<'_>,
+        pending: &mut HashMap<u16, PendingHeader>,
+    ) {
+        let shared = self.shared;
+        let mut frames: Vec<UpInject> = Vec::new();
+        let mut finished: Vec<(OrderKind, u64)> = Vec::new();
+        if now.handover > seen.handover {
+            // Source fence: the app's consumers of mirrored classic queues
+            // stop, and what is held for them goes back to the queue (in
+            // order) before the target consumes it.
+            let consumers = shared
+                .ledger()
+                .consumers_of(self.id, &|q| shared.mirror.mirrors(q));
+            for (ch, c) in &consumers {
+                frames.extend(up_frame(*ch, cancel(c), None));
+            }
+            let dropped = drop_held(
+                held,
+                held_deliveries,
+                &|d: &Delivery| shared.mirror.mirrors(&d.queue),
+                &mut mirror.dropping,
+            );
+            held_count.sub(dropped.len() as u64);
+            for (ch, tag) in &dropped {
+                if pending.get(ch).is_some_and(|p| p.tag == *tag) {
+                    pending.remove(ch);
+                }
+                if mirror.capturing.get(ch).is_some_and(|c| c.tag == *tag) {
+                    mirror.capturing.remove(ch);
+                }
+                shared.mirror.settle(self.id, *ch, *tag, false, false);
+                frames.extend(up_frame(*ch, requeue(*tag), None));
+            }
+            held_channels.retain(|c| held.iter().any(|(h, _)| h == c));
+            mirror.handed_over = true;
+            if !consumers.is_empty() || !dropped.is_empty() {
+                info!(
+                    conn = self.id,
+                    consumers = consumers.len(),
+                    requeued = dropped.len(),
+                    "ms2m tap: classic consumers handed over to the migration's target"
+                );
+            }
+            finished.push((OrderKind::Handover, now.handover));
+        }
+        if now.reconsume > seen.reconsume {
+            // Source abort after a handover: the app's consumers again.
+            if mirror.handed_over {
+                let consumers = shared
+                    .ledger()
+                    .consumers_of(self.id, &|q| shared.mirror.mirrors(q));
+                for (ch, c) in &consumers {
+                    frames.extend(up_frame(*ch, consume(&c.queue, c), None));
+                }
+                mirror.handed_over = false;
+            }
+            finished.push((OrderKind::Reconsume, now.reconsume));
+        }
+        if now.switch > seen.switch {
+            // Target going live: from the mirror streams to the queues,
+            // under the app's consumer tags.
+            let consumers = {
+                let ledger = shared.ledger();
+                ledger.consumers_of(self.id, &|q| ledger.replaying_mirror(q))
+            };
+            for (ch, c) in &consumers {
+                frames.extend(up_frame(*ch, cancel(c), None));
+                frames.extend(up_frame(*ch, consume(&c.queue, c), None));
+            }
+            if !consumers.is_empty() {
+                info!(
+                    conn = self.id,
+                    consumers = consumers.len(),
+                    "ms2m tap: consumers moved from the mirror streams to their queues"
+                );
+            }
+            finished.push((OrderKind::Switch, now.switch));
+        }
+        for d in finished {
+            // A marker after the order's frames (channel 0 never waits for
+            // a content).
+            frames.push((0, Vec::new(), Some(d)));
+        }
+        for f in frames {
+            if up.send(f).is_err() {
+                // The client direction ended: the pair is closing and the
+                // broker requeues everything anyway.
+                return;
+            }
+        }
+    }
+
     fn delivery(
         &self,
         delivery: Delivery,
@@ -850,5 +1194,154 @@ impl Pair<'_> {
             self.shared.ledger().record_delivery(self.id, delivery);
             pending.insert(ch, PendingHeader { tag, held: false });
         }
+    }
+}
+
+/// basic.cancel of consumer `c`, no reply wanted.
+fn cancel(c: &Consumer) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: c.tag.as_str().into(),
+        nowait: true,
+    }))
+}
+
+/// basic.consume of `queue` with consumer `c`'s tag and arguments, no reply
+/// wanted.
+fn consume(queue: &str, c: &Consumer) -> AMQPClass {
+    let mut args = amq_protocol::types::FieldTable::default();
+    for (k, v) in c.arguments.inner() {
+        if k.as_str() != crate::ledger::X_STREAM_OFFSET {
+            args.insert(k.clone(), v.clone());
+        }
+    }
+    AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: queue.into(),
+        consumer_tag: c.tag.as_str().into(),
+        no_local: false,
+        no_ack: c.no_ack,
+        exclusive: false,
+        nowait: true,
+        arguments: args,
+    }))
+}
+
+/// basic.nack of one delivery, requeued.
+fn requeue(tag: u64) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+        delivery_tag: tag,
+        multiple: false,
+        requeue: true,
+    }))
+}
+
+/// Removes from the held frames the deliveries matching `pred`, with
+/// their content frames; returns them as (channel, tag). A channel whose
+/// last held delivery was removed goes into `dropping`: the rest of that
+/// content, if still to come, is dropped too.
+fn drop_held(
+    held: &mut Vec<(u16, Vec<u8>)>,
+    held_deliveries: &mut Vec<Delivery>,
+    pred: &dyn Fn(&Delivery) -> bool,
+    dropping: &mut HashSet<u16>,
+) -> Vec<(u16, u64)> {
+    let mut dropped = Vec::new();
+    let mut in_dropped: HashSet<u16> = HashSet::new();
+    let mut kept_frames = Vec::with_capacity(held.len());
+    let mut kept_deliveries = Vec::with_capacity(held_deliveries.len());
+    // Held delivery frames and records are in the same order.
+    let mut deliveries = std::mem::take(held_deliveries).into_iter();
+    for (ch, bytes) in held.drain(..) {
+        if is_delivery_frame(&bytes) {
+            match deliveries.next() {
+                Some(d) if pred(&d) => {
+                    in_dropped.insert(ch);
+                    dropped.push((ch, d.delivery_tag));
+                    continue;
+                }
+                Some(d) => kept_deliveries.push(d),
+                None => {}
+            }
+            in_dropped.remove(&ch);
+        } else if bytes.first() == Some(&FRAME_METHOD) {
+            in_dropped.remove(&ch);
+        } else if in_dropped.contains(&ch) {
+            continue;
+        }
+        kept_frames.push((ch, bytes));
+    }
+    kept_deliveries.extend(deliveries);
+    *held = kept_frames;
+    *held_deliveries = kept_deliveries;
+    dropping.extend(in_dropped);
+    dropped
+}
+
+/// The mirror's per-connection state in the broker direction.
+#[derive(Default)]
+struct MirrorSide {
+    /// Classic deliveries whose content is being kept, per channel.
+    capturing: HashMap<u16, Capture>,
+    /// Channels inside the content of a delivery handed back.
+    dropping: HashSet<u16>,
+    /// The fence handed this connection's classic consumers over.
+    handed_over: bool,
+}
+
+/// The content of one classic delivery, as it arrives.
+struct Capture {
+    tag: u64,
+    queue: String,
+    properties: Option<amq_protocol::protocol::basic::AMQPProperties>,
+    size: usize,
+    body: Vec<u8>,
+}
+
+impl Capture {
+    fn new(tag: u64, queue: &str) -> Capture {
+        Capture {
+            tag,
+            queue: queue.to_string(),
+            properties: None,
+            size: 0,
+            body: Vec::new(),
+        }
+    }
+
+    /// The content header: `Ok(Some(None))` when this is not a classic
+    /// delivery after all (it has a stream offset) and nothing is kept,
+    /// `Ok(Some(Some(r)))` when the content is complete (empty body),
+    /// `Ok(None)` when body frames are due.
+    #[allow(clippy::type_complexity, clippy::option_option)]
+    fn header(&mut self, payload: &[u8]) -> Result<Option<Option<Retained>>, ()> {
+        let (_, h) = parse_content_header(payload).map_err(|_| ())?;
+        if header_fields(&h.properties).0.is_some() {
+            return Ok(Some(None));
+        }
+        self.size = h.body_size as usize;
+        self.properties = Some(h.properties);
+        if self.size == 0 {
+            return Ok(Some(self.take()));
+        }
+        self.body.reserve_exact(self.size);
+        Ok(None)
+    }
+
+    /// A body frame: the kept content once complete.
+    fn body(&mut self, payload: &[u8]) -> Option<Retained> {
+        self.properties.as_ref()?;
+        self.body.extend_from_slice(payload);
+        if self.body.len() >= self.size {
+            self.take()
+        } else {
+            None
+        }
+    }
+
+    fn take(&mut self) -> Option<Retained> {
+        Some(Retained {
+            queue: std::mem::take(&mut self.queue),
+            properties: self.properties.take()?,
+            body: std::mem::take(&mut self.body),
+        })
     }
 }
