@@ -83,20 +83,52 @@ ctr_b() { ctr --address "$MS2M_HOSTB_ADDRESS" --namespace "$MS2M_NAMESPACE" "$@"
 # so loses /sys/fs/cgroup, which runc (and containerd) need.
 hostb_exec() { nsenter --mount="$MS2M_HOSTB_MNTNS" --net="/run/netns/$MS2M_HOSTB_NETNS" -- "$@"; }
 
-# write_containerd_config CONFIG ROOT STATE ADDRESS [EXTRA_TOML]: writes the
-# config of one of ms2m's containerd instances (version 3, no CRI, ms2m
-# registered as a CRI runtime handler); EXTRA_TOML is appended verbatim.
+# CRI (docs/kubernetes.md): host A's containerd serves the CRI API too, with
+# ms2m as runtime handler "ms2m". No CNI plugin: CRI pods here use the host
+# network. No registry either: the sandbox (pause) image and the test image
+# are built here and imported into the CRI namespace under the name of a
+# read-only registry on loopback (hack/cri-registry.py), which only a CRI
+# restore needs (containerd pulls the checkpoint's base image by digest).
+: "${MS2M_CRI_NAMESPACE:=k8s.io}"
+: "${MS2M_CRI_REGISTRY:=127.0.0.1:5111}"
+: "${MS2M_CRI_REGISTRY_DIR:=$MS2M_PREFIX/cri-registry}"
+: "${MS2M_CRI_REGISTRY_PIDFILE:=/run/ms2m/cri-registry.pid}"
+: "${MS2M_CRI_REGISTRY_LOG:=/var/log/ms2m/cri-registry.log}"
+: "${MS2M_CRI_SANDBOX_IMAGE:=$MS2M_CRI_REGISTRY/ms2m/pause:1}"
+: "${MS2M_CRI_TEST_IMAGE:=$MS2M_CRI_REGISTRY/ms2m/ms2m-test:latest}"
+export MS2M_CRI_NAMESPACE MS2M_CRI_REGISTRY MS2M_CRI_REGISTRY_DIR MS2M_CRI_REGISTRY_PIDFILE \
+    MS2M_CRI_REGISTRY_LOG MS2M_CRI_SANDBOX_IMAGE MS2M_CRI_TEST_IMAGE
+
+# write_containerd_config CONFIG ROOT STATE ADDRESS [EXTRA_TOML] [cri]: writes
+# the config of one of ms2m's containerd instances (version 3, ms2m
+# registered as a CRI runtime handler); EXTRA_TOML is appended verbatim. The
+# CRI plugins are disabled unless the sixth argument is "cri".
 write_containerd_config() {
-    local config="$1" root="$2" state="$3" address="$4" extra="${5:-}"
+    local config="$1" root="$2" state="$3" address="$4" extra="${5:-}" cri="${6:-}"
+    local disabled='["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]'
+    local cri_toml=""
+    if [ "$cri" = cri ]; then
+        disabled='[]'
+        cri_toml="
+# CRI: the sandbox image is built here (no registry to pull from); pods
+# use the host network, so no CNI plugin is needed (docs/kubernetes.md).
+[plugins.\"io.containerd.cri.v1.images\".pinned_images]
+  sandbox = \"$MS2M_CRI_SANDBOX_IMAGE\"
+
+# Lowering a process's oom_score_adj below containerd's own needs a
+# privilege this machine's sandbox refuses: clamp it, as in rootless setups.
+[plugins.\"io.containerd.cri.v1.runtime\"]
+  restrict_oom_score_adj = true
+"
+    fi
     mkdir -p "$(dirname "$config")"
     cat > "$config" <<TOML
 # Written by ms2m's hack/ scripts (write_containerd_config in hack/lib.sh)
 version = 3
 root = "$root"
 state = "$state"
-# No CRI here: the tests drive containerd through ctr and its API, and CRI
-# would want CNI plugins this machine does not have.
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+# Without CRI the tests drive containerd through ctr and its API only.
+disabled_plugins = $disabled
 
 [grpc]
   address = "$address"
@@ -110,6 +142,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 # With CRI enabled, this makes "ms2m" a runtime handler (RuntimeClass).
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ms2m]
   runtime_type = "io.containerd.ms2m.v1"
+$cri_toml
 TOML
     if [ -n "$extra" ]; then printf '\n%s\n' "$extra" >> "$config"; fi
 }

@@ -18,6 +18,8 @@ BOOKWORM_PACKAGES=(
     # tools the scripts and tests call: pgrep (setup), script (terminal tests),
     # GNU tar and gzip (CRIU's tmpfs restore; criu-tar's comparison tests)
     procps bsdutils tar gzip
+    # the CRI test registry's health check (hack/cri-setup.sh)
+    curl
     # CRIU build dependencies (the brief lists them), plus the compiler
     build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
@@ -176,6 +178,10 @@ main() {
     build_ms2m
     "$MS2M_ROOT/hack/start-containerd.sh"
     "$MS2M_ROOT/hack/build-image.sh"
+    # CRI (docs/kubernetes.md): sandbox image, the loopback registry a CRI
+    # restore pulls the base image from, containerd serving CRI, images in
+    # the CRI namespace.
+    "$MS2M_ROOT/hack/cri-setup.sh"
     # The broker for the AMQP tap, its tests and the demo.
     "$MS2M_ROOT/hack/start-rabbitmq.sh"
     # Host B, the live-migration target: a second containerd in its own

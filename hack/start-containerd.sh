@@ -2,8 +2,8 @@
 # Starts ms2m's own containerd (own root, state, socket and config) if it is
 # not already answering. The ms2m runtime needs no registration for ctr: a
 # runtime type io.containerd.ms2m.v1 makes containerd look for the binary
-# containerd-shim-ms2m-v1 on its PATH. The config below also registers it as
-# a CRI runtime handler named "ms2m", as a platform team would.
+# containerd-shim-ms2m-v1 on its PATH. The config below also serves CRI with
+# ms2m as runtime handler "ms2m", as a platform team would (hack/cri-setup.sh).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -15,7 +15,7 @@ command -v containerd >/dev/null || die "containerd not installed: run hack/setu
 
 mkdir -p "$(dirname "$MS2M_CONTAINERD_CONFIG")" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" /var/log/ms2m
 write_containerd_config "$MS2M_CONTAINERD_CONFIG" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" \
-    "$MS2M_CONTAINERD_ADDRESS"
+    "$MS2M_CONTAINERD_ADDRESS" "" cri
 
 log "starting containerd (log: /var/log/ms2m/containerd.log)"
 nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>/var/log/ms2m/containerd.log 2>&1 &

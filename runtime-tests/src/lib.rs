@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Host-side AMQP helpers: producer, result collector, checker (broker tests).
 pub mod amqp;
+pub mod cri;
 pub mod host_b;
 
 /// The runtime of containerd's own runc shim: the baseline.

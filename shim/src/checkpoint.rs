@@ -380,6 +380,12 @@ pub async fn checkpoint(
         )
     })?;
 
+    // A leave-running checkpoint of a tap whose container asks for it
+    // keeps deliveries held after the cut (crate::after_checkpoint).
+    let hold = target.tap.is_some()
+        && !opts.exit
+        && crate::after_checkpoint::hold(&target.bundle)
+            .map_err(|e| Error::InvalidArgument(format!("checkpoint of container {id}: {e}")))?;
     // The tap: quiesced at CRIU's pre-dump notification (holding new
     // deliveries, waiting for the app to ack what it has), cut in the
     // frozen window.
@@ -437,7 +443,7 @@ pub async fn checkpoint(
             let b = broker
                 .as_ref()
                 .map(|(t, q, bound, _)| (t.clone(), *q, *bound));
-            dump_direct(target, image_path, &work_path, opts, &plan, b).await
+            dump_direct(target, image_path, &work_path, opts, &plan, b, !hold).await
         }
     };
     let dump_ms = dump_started.elapsed().as_secs_f64() * 1000.0;
@@ -448,6 +454,8 @@ pub async fn checkpoint(
         let after = if dumped.is_ok() && opts.exit {
             tap.close_for_exit().await;
             "closed for exit"
+        } else if dumped.is_ok() && hold {
+            "holding deliveries (io.ms2m.tap.after-checkpoint=hold)"
         } else {
             tap.release().await;
             "released"
@@ -524,6 +532,8 @@ pub async fn checkpoint(
         })?;
         let after = if opts.exit {
             "closed-for-exit"
+        } else if hold {
+            "held"
         } else {
             "released"
         };
@@ -531,6 +541,9 @@ pub async fn checkpoint(
             crate::broker::MANIFEST_KEY.into(),
             crate::broker::section(cut, *reachable, after)?,
         );
+    }
+    if let Some(c) = crate::source_cgroups::record(&target.runc_root, id) {
+        ext.insert(crate::source_cgroups::MANIFEST_KEY.into(), c);
     }
     m.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     m.write(image_path)
@@ -621,6 +634,9 @@ async fn dump_direct(
     opts: &CheckpointOptions,
     plan: &Plan,
     broker: Option<(ms2m_tap::Tap, Option<ms2m_tap::Quiesce>, Duration)>,
+    // Leave-running: release held deliveries once the cut is taken (not
+    // when the container asks the tap to hold them).
+    release_after_cut: bool,
 ) -> Result<Dumped> {
     let id = target.id.clone();
     let rc = RuncContainer::load(&target.runc_root, &id)
@@ -663,7 +679,8 @@ async fn dump_direct(
             // Leave-running: held deliveries may flow as soon as the cut
             // is taken (the app's socket queues are not dumped with
             // tcp-close); the app finds them when it thaws.
-            let (hook, slot) = crate::broker::CutHook::new(tap, quiesced, bound, !opts.exit);
+            let (hook, slot) =
+                crate::broker::CutHook::new(tap, quiesced, bound, !opts.exit && release_after_cut);
             hooks.push(Box::new(hook.clone()));
             (Some(slot), Some(hook))
         }

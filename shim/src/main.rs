@@ -26,6 +26,7 @@
 //! - [`logging`]: tracing to containerd's shim log FIFO.
 //! - [`error`]: errors and their ttrpc codes.
 
+mod after_checkpoint;
 mod broker;
 mod checkpoint;
 mod config;
@@ -43,6 +44,7 @@ mod restore;
 mod runc;
 mod service;
 mod shim;
+mod source_cgroups;
 mod stdio;
 
 /// The runtime type containerd knows this shim by.

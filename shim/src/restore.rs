@@ -161,6 +161,9 @@ pub async fn restore(
             .map_err(|e| Error::internal("detect restore features", e))?
     };
     let (lazy, lazy_reason) = plan_lazy(target, manifest.as_ref(), Some(&features))?;
+    // The source's cgroups, if gone, for CRIU to restore the tasks into
+    // until they are adopted below (crate::source_cgroups).
+    let stand_ins = crate::source_cgroups::stand_in(manifest.as_ref(), id);
     tracing::info!(id, lazy, "restore: {lazy_reason}");
 
     let (work, temp_work) = match &from.work_path {
@@ -252,6 +255,7 @@ pub async fn restore(
     };
     let pid = read_pid(&pid_file)?;
     adopt_cgroups(target.runc.root(), id, pid);
+    drop(stand_ins);
     let running_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(id, pid, lazy, elapsed_ms = running_ms, "restored: running");
 

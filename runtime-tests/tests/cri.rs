@@ -1,0 +1,168 @@
+//! ms2m under containerd's CRI plugin, driven the way the kubelet drives it
+//! (runtime-tests/src/cri.rs; crictl cannot be built here): pods run under
+//! the `ms2m` runtime handler (host network, no CNI), `CheckpointContainer`
+//! (the kubelet checkpoint API's path) writes an archive that carries ms2m's
+//! manifest and, for a tapped consumer, the broker cut, and `CreateContainer`
+//! given that archive restores it. Error paths: an unknown handler, a
+//! checkpoint of a stopped container, corrupt and foreign archives, an
+//! archive written by another ms2m version.
+//!
+//! Needs host A's containerd with CRI on, the CRI images and the loopback
+//! registry (`hack/cri-setup.sh`, run by `hack/setup.sh`).
+
+use std::time::{Duration, Instant};
+
+use ms2m_runtime_tests::cri::{
+    archive_manifest, counter, cri_env, runtime_of, tar_list, wait_counter_above, ContainerSpec,
+    Cri, Pod, ARCHIVE_MANIFEST, CONTAINER_EXITED, CONTAINER_RUNNING, HANDLER,
+};
+use ms2m_runtime_tests::{TestDir, MS2M_RUNTIME};
+
+fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+#[test]
+fn pod_lifecycle_under_the_ms2m_handler() {
+    let td = TestDir::new("cri-life");
+    let cri = Cri::new();
+    let pod = Pod::run(&cri, "life", HANDLER, &td.path);
+    let st = cri.pod_status(&pod.id).expect("PodSandboxStatus");
+    assert_eq!(st.runtime_handler, HANDLER, "{st:?}");
+    assert_eq!(runtime_of(&pod.id), MS2M_RUNTIME, "the sandbox's runtime");
+
+    let id = pod.start(&ContainerSpec::memcounter("mc", 1, 20));
+    assert_eq!(runtime_of(&id), MS2M_RUNTIME, "the container's runtime");
+    let st = cri.container_status(&id).expect("ContainerStatus");
+    assert_eq!(st.state, CONTAINER_RUNNING, "{st:?}");
+    assert_eq!(
+        st.image.as_ref().map(|i| i.image.as_str()),
+        Some(cri_env().image.as_str())
+    );
+    wait_counter_above(&cri, &id, 3, Duration::from_secs(10));
+
+    // ExecSync: stdout, stderr and the exit code come back apart.
+    let r = cri
+        .exec_sync(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"], 10)
+        .expect("ExecSync");
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&r.stdout).as_ref(),
+            String::from_utf8_lossy(&r.stderr).as_ref(),
+            r.exit_code
+        ),
+        ("out\n", "err\n", 3)
+    );
+
+    // Logs: CRI's log format (time, stream, tag, line) with memcounter's
+    // counter lines.
+    let log = pod.log_path("mc");
+    let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("{} is empty", log.display()));
+    let fields: Vec<&str> = line.splitn(4, ' ').collect();
+    assert_eq!(fields.len(), 4, "CRI log line {line:?}");
+    assert_eq!(
+        (fields[1], fields[2]),
+        ("stdout", "F"),
+        "CRI log line {line:?}"
+    );
+    assert!(
+        fields[3].trim().parse::<u64>().is_ok(),
+        "CRI log line {line:?}"
+    );
+
+    let t0 = Instant::now();
+    cri.stop_container(&id, 10).expect("StopContainer");
+    let st = cri.container_status(&id).expect("ContainerStatus");
+    assert_eq!((st.state, st.exit_code), (CONTAINER_EXITED, 0), "{st:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "memcounter stops on SIGTERM"
+    );
+    cri.remove_container(&id).expect("RemoveContainer");
+    let e = cri
+        .container_status(&id)
+        .expect_err("a removed container has no status");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}
+
+/// The CRI checkpoint of a 16 MiB memcounter: the archive, its manifest,
+/// the source still running; then a restore into a new pod from the archive.
+#[test]
+fn checkpoint_and_restore_through_cri() {
+    let td = TestDir::new("cri-ck");
+    let cri = Cri::new();
+    let src_pod = Pod::run(&cri, "ck-src", HANDLER, &td.path);
+    let spec = ContainerSpec::memcounter("mc", 16, 20);
+    let id = src_pod.start(&spec);
+    let before = wait_counter_above(&cri, &id, 5, Duration::from_secs(10));
+
+    let archive = td.join("mc.tar");
+    let t0 = Instant::now();
+    cri.checkpoint(&id, &archive, 60)
+        .unwrap_or_else(|e| panic!("CheckpointContainer {id}: {e:?}"));
+    let ck_wall = t0.elapsed();
+    let after = counter(&cri, &id).expect("counter after the checkpoint");
+    assert_eq!(
+        cri.container_state(&id).unwrap(),
+        CONTAINER_RUNNING,
+        "left running"
+    );
+    wait_counter_above(&cri, &id, after, Duration::from_secs(5));
+
+    let entries = tar_list(&archive);
+    for want in [
+        ARCHIVE_MANIFEST,
+        "checkpoint/inventory.img",
+        "spec.dump",
+        "config.dump",
+    ] {
+        assert!(
+            entries.iter().any(|e| e == want),
+            "{want} not in {entries:?}"
+        );
+    }
+    let m = archive_manifest(&archive);
+    assert_eq!(m["schema"], "ms2m.checkpoint", "{m}");
+    assert_eq!(m["runtime"]["shim"], "containerd-shim-ms2m-v1", "{m}");
+    assert_eq!(
+        m["options"]["exit"], false,
+        "CRI checkpoints leave the container running: {m}"
+    );
+    assert!(m.get("broker").is_none(), "no tap, no cut: {m}");
+    eprintln!(
+        "CRI checkpoint of a 16 MiB container: {:.0} ms wall, strategy {}, frozen {} us",
+        ck_wall.as_secs_f64() * 1000.0,
+        m["strategy"]["name"],
+        m["stats"]["frozen_time_us"]
+    );
+    drop(src_pod);
+
+    // The restore: a new pod, CreateContainer with the archive as image.
+    let dst_pod = Pod::run(&cri, "ck-dst", HANDLER, &td.path);
+    let mut restore = spec.clone();
+    restore.image = path_str(&archive).to_string();
+    let t0 = Instant::now();
+    let rid = dst_pod
+        .try_create(&restore)
+        .unwrap_or_else(|e| panic!("CreateContainer from {}: {e:?}", archive.display()));
+    cri.start_container(&rid)
+        .unwrap_or_else(|e| panic!("StartContainer (restore) {rid}: {e:?}"));
+    let restore_wall = t0.elapsed();
+    assert_eq!(cri.container_state(&rid).unwrap(), CONTAINER_RUNNING);
+    assert_eq!(runtime_of(&rid), MS2M_RUNTIME);
+    let first = counter(&cri, &rid).expect("the restored counter");
+    assert!(
+        first >= before && first <= after + 2,
+        "restored counter {first}: expected the checkpoint's ({before}..={after})"
+    );
+    wait_counter_above(&cri, &rid, first, Duration::from_secs(5));
+    eprintln!(
+        "CRI restore of a 16 MiB container: {:.0} ms from CreateContainer to running; counter {first} \
+         (checkpoint between {before} and {after})",
+        restore_wall.as_secs_f64() * 1000.0
+    );
+}
