@@ -139,9 +139,13 @@ disabled_plugins = $disabled
 [debug]
   level = "info"
 
-# With CRI enabled, this makes "ms2m" a runtime handler (RuntimeClass).
+# With CRI enabled, this makes "ms2m" a runtime handler (RuntimeClass); a
+# pod's or container's io.ms2m.* annotations (the tap's opt-in) reach the
+# shim through the OCI spec.
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.ms2m]
   runtime_type = "io.containerd.ms2m.v1"
+  pod_annotations = ["io.ms2m.*"]
+  container_annotations = ["io.ms2m.*"]
 $cri_toml
 TOML
     if [ -n "$extra" ]; then printf '\n%s\n' "$extra" >> "$config"; fi

@@ -12,11 +12,15 @@
 
 use std::time::{Duration, Instant};
 
+use ms2m_runtime_tests::amqp::{
+    collect_results, digest_of, queue_cut, rabbitmq_available, Checker, Client, ConsumerState,
+    Producer, ProducerConfig, QueueKind, TestQueues, STATE_FILE,
+};
 use ms2m_runtime_tests::cri::{
     archive_manifest, counter, cri_env, runtime_of, tar_list, wait_counter_above, ContainerSpec,
     Cri, Pod, ARCHIVE_MANIFEST, CONTAINER_EXITED, CONTAINER_RUNNING, HANDLER,
 };
-use ms2m_runtime_tests::{TestDir, MS2M_RUNTIME};
+use ms2m_runtime_tests::{env, wait_until, TestDir, MS2M_RUNTIME};
 
 fn path_str(p: &std::path::Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
@@ -165,4 +169,161 @@ fn checkpoint_and_restore_through_cri() {
          (checkpoint between {before} and {after})",
         restore_wall.as_secs_f64() * 1000.0
     );
+}
+
+/// The real broker, as the shim (host network namespace) reaches it.
+const UPSTREAM: &str = "amqp://127.0.0.1:5672/%2f";
+
+/// A free TCP port on loopback for a tap: the pods share the host's
+/// network namespace, where RabbitMQ itself holds 5672.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// The consumer's state through ExecSync; `None` until it is there.
+fn consumer_state(cri: &Cri, id: &str) -> Option<ConsumerState> {
+    ms2m_runtime_tests::cri::cat(cri, id, STATE_FILE).and_then(|s| ConsumerState::parse(&s))
+}
+
+fn wait_consumer(
+    cri: &Cri,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&ConsumerState) -> bool,
+) -> ConsumerState {
+    wait_until(
+        &format!("CRI consumer {id}: {what}"),
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || consumer_state(cri, id).filter(|s| ok(s)),
+    )
+}
+
+/// A tapped consumer (its pod opts in with annotations; it holds its
+/// deliveries after a checkpoint) moved through CRI the way a Kubernetes
+/// operator would: kubelet checkpoint (CheckpointContainer), the source pod
+/// deleted, a new pod whose container is created from the archive. The
+/// archive carries the broker cut; the restored tap resumes there: every
+/// result downstream exactly once, in order, the restored state that of
+/// 1..N.
+fn consumer_moved_through_cri(client: Client, kind: QueueKind) {
+    env();
+    rabbitmq_available();
+    let name = format!("cri-{}-{}", client.name(), kind.as_str());
+    let td = TestDir::new(&name);
+    let q = TestQueues::new(&name, kind);
+    let cri = Cri::new();
+    let port = free_port().to_string();
+    let mut spec = ContainerSpec::new(&name, &client.command())
+        .env(
+            "AMQP_URL",
+            &format!("amqp://guest:guest@localhost:{port}/%2f"),
+        )
+        .env("QUEUE", &q.queue)
+        .env("QUEUE_TYPE", kind.as_str())
+        .env("RESULTS_QUEUE", &q.results)
+        .env("CONSUMER_NAME", &name)
+        .annotation("io.ms2m.tap.upstream", UPSTREAM)
+        .annotation("io.ms2m.tap.port", &port)
+        .annotation("io.ms2m.tap.after-checkpoint", "hold");
+    if client == Client::Pika {
+        // The host's python3 and python3-pika (see amqp::PIKA_MOUNT).
+        spec = spec.mount_ro("/usr", "/usr");
+    }
+    let src_pod = Pod::run(&cri, &format!("{name}-src"), HANDLER, &td.path);
+    let id = src_pod.start(&spec);
+    // Consuming before the first message (pika's stream offset is "next").
+    wait_consumer(&cri, &id, "consuming", |s| s.connects >= 1);
+    const N: u64 = 900;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
+    wait_consumer(&cri, &id, "200 processed", |s| s.count >= 200);
+
+    let archive = td.join("consumer.tar");
+    let t0 = Instant::now();
+    cri.checkpoint(&id, &archive, 60)
+        .unwrap_or_else(|e| panic!("CheckpointContainer {id}: {e:?}"));
+    let ck_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(
+        cri.container_state(&id).unwrap(),
+        CONTAINER_RUNNING,
+        "left running"
+    );
+    let m = archive_manifest(&archive);
+    let broker = &m["broker"];
+    assert_eq!(broker["after_checkpoint"], "held", "{broker}");
+    assert_eq!(broker["quiesce"]["complete"], true, "{broker}");
+    assert!(
+        !broker.to_string().contains("guest:guest"),
+        "credentials in the manifest: {broker}"
+    );
+    let qc = queue_cut(&m, &q.queue);
+    assert_eq!(qc["kind"], kind.as_str(), "{qc}");
+    assert_eq!(qc["in_flight"], 0, "{qc}");
+
+    // Held: the source runs on but processes nothing past the cut.
+    let held = wait_consumer(&cri, &id, "its state", |_| true);
+    std::thread::sleep(Duration::from_millis(500));
+    let later = wait_consumer(&cri, &id, "its state", |_| true);
+    assert_eq!(
+        held.count, later.count,
+        "the held source went on processing"
+    );
+    assert_eq!(
+        qc["acked"].as_u64(),
+        Some(held.count),
+        "the cut is the held state: {qc}"
+    );
+    if kind == QueueKind::Stream {
+        // A fresh stream starts at offset 0: offset k holds seq k + 1.
+        assert_eq!(qc["next_offset"].as_u64(), Some(held.count), "{qc}");
+    }
+    drop(src_pod);
+
+    let dst_pod = Pod::run(&cri, &format!("{name}-dst"), HANDLER, &td.path);
+    let mut restore = spec.clone();
+    restore.image = archive.display().to_string();
+    let t0 = Instant::now();
+    let rid = dst_pod
+        .try_create(&restore)
+        .unwrap_or_else(|e| panic!("CreateContainer from {}: {e:?}", archive.display()));
+    cri.start_container(&rid)
+        .unwrap_or_else(|e| panic!("StartContainer (restore) {rid}: {e:?}"));
+    let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
+
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+    let state = wait_consumer(&cri, &rid, &format!("{N} processed"), |s| s.count >= N);
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!(
+        "{name}: CRI checkpoint {ck_ms:.0} ms (frozen {:.1} ms), cut at {}, CRI restore {restore_ms:.0} ms; {report}",
+        m["stats"]["frozen_time_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+        held.count
+    );
+    assert!(report.is_clean(), "{name}: {report}");
+    assert_eq!(state.count, N, "restored state {state:?}");
+    assert_eq!(state.digest, digest_of(1..=N), "restored state {state:?}");
+}
+
+#[test]
+fn lapin_stream_consumer_moved_through_cri() {
+    consumer_moved_through_cri(Client::Lapin, QueueKind::Stream);
+}
+
+#[test]
+fn pika_stream_consumer_moved_through_cri() {
+    consumer_moved_through_cri(Client::Pika, QueueKind::Stream);
+}
+
+#[test]
+fn lapin_classic_consumer_moved_through_cri() {
+    consumer_moved_through_cri(Client::Lapin, QueueKind::Classic);
+}
+
+#[test]
+fn pika_classic_consumer_moved_through_cri() {
+    consumer_moved_through_cri(Client::Pika, QueueKind::Classic);
 }
