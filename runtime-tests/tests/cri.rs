@@ -327,3 +327,190 @@ fn lapin_classic_consumer_moved_through_cri() {
 fn pika_classic_consumer_moved_through_cri() {
     consumer_moved_through_cri(Client::Pika, QueueKind::Classic);
 }
+
+/// A running ms2m pod with a memcounter, for the error paths: each must
+/// leave it running and counting.
+struct Bystander {
+    pod: Pod,
+    id: String,
+    spec: ContainerSpec,
+}
+
+impl Bystander {
+    fn start(cri: &std::sync::Arc<Cri>, td: &TestDir, name: &str) -> Bystander {
+        let pod = Pod::run(cri, name, HANDLER, &td.path);
+        let spec = ContainerSpec::memcounter("mc", 1, 20);
+        let id = pod.start(&spec);
+        wait_counter_above(cri, &id, 2, Duration::from_secs(10));
+        Bystander { pod, id, spec }
+    }
+
+    /// Panics unless the container is still running and counting.
+    fn assert_running(&self, after: &str) {
+        let cri = &self.pod.cri;
+        assert_eq!(
+            cri.container_state(&self.id).unwrap(),
+            CONTAINER_RUNNING,
+            "after {after}"
+        );
+        let c = counter(cri, &self.id).expect("counter");
+        wait_counter_above(cri, &self.id, c, Duration::from_secs(5));
+    }
+
+    /// A CRI checkpoint archive of it at `archive`.
+    fn checkpoint(&self, archive: &std::path::Path) {
+        self.pod
+            .cri
+            .checkpoint(&self.id, archive, 60)
+            .unwrap_or_else(|e| panic!("CheckpointContainer {}: {e:?}", self.id));
+    }
+}
+
+/// Creates and starts a container from `archive` in `pod`: containerd's
+/// error message (create or start), or panics if it was restored.
+fn restore_error(pod: &Pod, spec: &ContainerSpec, archive: &std::path::Path) -> String {
+    let mut restore = spec.clone();
+    restore.image = archive.display().to_string();
+    let id = match pod.try_create(&restore) {
+        Err(e) => return format!("CreateContainer: {}", e.message()),
+        Ok(id) => id,
+    };
+    match pod.cri.start_container(&id) {
+        Err(e) => format!("StartContainer: {}", e.message()),
+        Ok(()) => panic!(
+            "a container was restored from {} (state {:?})",
+            archive.display(),
+            pod.cri.container_state(&id)
+        ),
+    }
+}
+
+#[test]
+fn unknown_handler_is_refused() {
+    let td = TestDir::new("cri-handler");
+    let cri = Cri::new();
+    let b = Bystander::start(&cri, &td, "handler-ok");
+    let e = cri
+        .run_pod(
+            &ms2m_runtime_tests::cri::pod_config("nope", &td.path),
+            "no-such-handler",
+        )
+        .expect_err("a pod under an unknown handler");
+    eprintln!("unknown handler: {e:?}");
+    assert!(
+        e.message().contains("no-such-handler") && e.message().contains("no runtime"),
+        "{e:?}"
+    );
+    b.assert_running("a pod refused for its handler");
+}
+
+#[test]
+fn checkpoint_of_a_stopped_container_is_refused() {
+    let td = TestDir::new("cri-stopped");
+    let cri = Cri::new();
+    let b = Bystander::start(&cri, &td, "stopped");
+    let stopped = b.pod.start(&ContainerSpec::memcounter("mc2", 1, 20));
+    cri.stop_container(&stopped, 10).expect("StopContainer");
+    let archive = td.join("stopped.tar");
+    let e = cri
+        .checkpoint(&stopped, &archive, 60)
+        .expect_err("the checkpoint of a stopped container");
+    eprintln!("checkpoint of a stopped container: {e:?}");
+    assert!(
+        e.message().contains("CONTAINER_EXITED") && e.message().contains("only CONTAINER_RUNNING"),
+        "{e:?}"
+    );
+    assert!(
+        !archive.exists(),
+        "an archive was written for a stopped container"
+    );
+    assert_eq!(cri.container_state(&stopped).unwrap(), CONTAINER_EXITED);
+    b.assert_running("a refused checkpoint of its stopped neighbour");
+}
+
+/// Garbage, a truncated archive and a foreign tar (an OCI image archive):
+/// each refused with containerd's message, the source running on.
+#[test]
+fn corrupt_and_foreign_archives_are_refused() {
+    let td = TestDir::new("cri-corrupt");
+    let cri = Cri::new();
+    let b = Bystander::start(&cri, &td, "corrupt-src");
+    let good = td.join("good.tar");
+    b.checkpoint(&good);
+    let dst = Pod::run(&cri, "corrupt-dst", HANDLER, &td.path);
+
+    let garbage = td.join("garbage.tar");
+    std::fs::write(&garbage, b"this is not a checkpoint archive\n".repeat(100)).unwrap();
+    let e = restore_error(&dst, &b.spec, &garbage);
+    eprintln!("garbage: {e}");
+    assert!(e.contains("unpacking of checkpoint archive"), "{e}");
+
+    let truncated = td.join("truncated.tar");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = restore_error(&dst, &b.spec, &truncated);
+    eprintln!("truncated: {e}");
+    assert!(
+        e.contains("unexpected EOF") || e.contains("unpacking") || e.contains("failed to read"),
+        "{e}"
+    );
+
+    let foreign = std::path::Path::new("/opt/ms2m/image/ms2m-test.oci.tar");
+    assert!(
+        foreign.exists(),
+        "{} (hack/build-image.sh) is missing",
+        foreign.display()
+    );
+    let e = restore_error(&dst, &b.spec, foreign);
+    eprintln!("foreign: {e}");
+    assert!(e.contains("spec.dump"), "{e}");
+    b.assert_running("refused restores of corrupt and foreign archives");
+}
+
+/// An archive whose ms2m manifest says a version this ms2m does not read:
+/// the shim refuses the restore and names the version.
+#[test]
+fn archive_from_another_ms2m_version_is_refused() {
+    let td = TestDir::new("cri-version");
+    let cri = Cri::new();
+    let b = Bystander::start(&cri, &td, "version-src");
+    let good = td.join("good.tar");
+    b.checkpoint(&good);
+
+    let dir = td.subdir("unpacked");
+    sh(&["tar", "-xf", path_str(&good), "-C", path_str(&dir)]);
+    let mpath = dir.join(ARCHIVE_MANIFEST);
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    m["version"] = serde_json::json!(99);
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    let newer = td.join("newer.tar");
+    let mut args = vec![
+        "tar".to_string(),
+        "-cf".into(),
+        path_str(&newer).into(),
+        "-C".into(),
+    ];
+    args.push(path_str(&dir).into());
+    for e in std::fs::read_dir(&dir).unwrap() {
+        args.push(e.unwrap().file_name().to_string_lossy().into_owned());
+    }
+    sh(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let dst = Pod::run(&cri, "version-dst", HANDLER, &td.path);
+    let e = restore_error(&dst, &b.spec, &newer);
+    eprintln!("newer manifest: {e}");
+    assert!(e.contains("manifest version 99 is not supported"), "{e}");
+    b.assert_running("a refused restore of a newer ms2m's archive");
+}
+
+/// Runs a command (no shell), panicking with its output on failure.
+fn sh(args: &[&str]) -> String {
+    let out = ms2m_runtime_tests::run_cmd(
+        std::process::Command::new(args[0]).args(&args[1..]),
+        ms2m_runtime_tests::CMD_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .ok();
+    out.stdout
+}
