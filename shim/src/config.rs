@@ -35,13 +35,11 @@ use std::time::Duration;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use serde::Deserialize;
 
-use crate::container::type_name;
 use crate::error::{Error, Result};
+use crate::options::config_path_of;
 
 /// The configuration file read when the runtime options name none.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/ms2m/shim.toml";
-/// The type of CRI's runtime options for non-runc runtimes.
-pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
 
 /// Annotation: the checkpoint strategy of this container.
 pub const STRATEGY_ANNOTATION: &str = "io.ms2m.checkpoint.strategy";
@@ -524,72 +522,6 @@ impl Overrides {
     }
 }
 
-/// The config file named by `runtimeoptions.v1.Options`, if the options
-/// are of that type and name one.
-fn config_path_of(options: Option<&Any>) -> Result<Option<PathBuf>> {
-    let Some(any) = options.filter(|a| !a.type_url.is_empty()) else {
-        return Ok(None);
-    };
-    if type_name(&any.type_url) != RUNTIME_OPTIONS_TYPE {
-        return Ok(None);
-    }
-    let fields = decode_strings(&any.value)
-        .map_err(|e| Error::InvalidArgument(format!("decode {RUNTIME_OPTIONS_TYPE}: {e}")))?;
-    // runtimeoptions.v1.Options: 1 type_url, 2 config_path, 3 config_body.
-    Ok(fields
-        .into_iter()
-        .find(|(n, s)| *n == 2 && !s.is_empty())
-        .map(|(_, s)| PathBuf::from(s)))
-}
-
-/// The length-delimited string fields of a protobuf message, as (field
-/// number, value); other wire types are skipped.
-fn decode_strings(mut b: &[u8]) -> std::result::Result<Vec<(u64, String)>, String> {
-    fn varint(b: &mut &[u8]) -> std::result::Result<u64, String> {
-        let mut v: u64 = 0;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first().ok_or("truncated varint")?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint too long".into())
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let key = varint(&mut b)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                varint(&mut b)?;
-            }
-            1 | 5 => {
-                let n = if wire == 1 { 8 } else { 4 };
-                if b.len() < n {
-                    return Err("truncated fixed field".into());
-                }
-                b = &b[n..];
-            }
-            2 => {
-                let len = usize::try_from(varint(&mut b)?).map_err(|e| e.to_string())?;
-                if b.len() < len {
-                    return Err("truncated string".into());
-                }
-                let (s, rest) = b.split_at(len);
-                b = rest;
-                out.push((
-                    field,
-                    String::from_utf8(s.to_vec()).map_err(|e| e.to_string())?,
-                ));
-            }
-            w => return Err(format!("unsupported wire type {w}")),
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,33 +625,5 @@ mod tests {
         assert_eq!(t.quiesce_timeout, Duration::from_millis(50));
         assert!(ShimConfig::parse("[tap]\nmax_frame = 10\n", Path::new("/x.toml")).is_err());
         assert!(ShimConfig::parse("[tap]\nupstream = \"nope\"\n", Path::new("/x.toml")).is_err());
-    }
-
-    #[test]
-    fn decodes_runtime_options() {
-        // type_url = "x", config_path = "/etc/ms2m/a.toml"
-        let mut v = vec![0x0a, 1, b'x', 0x12, 16];
-        v.extend_from_slice(b"/etc/ms2m/a.toml");
-        let any = Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value: v,
-            ..Default::default()
-        };
-        assert_eq!(
-            config_path_of(Some(&any)).unwrap(),
-            Some(PathBuf::from("/etc/ms2m/a.toml"))
-        );
-        let other = Any {
-            type_url: "containerd.runc.v1.Options".into(),
-            value: vec![],
-            ..Default::default()
-        };
-        assert_eq!(config_path_of(Some(&other)).unwrap(), None);
-        let bad = Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value: vec![0x12, 50, b'a'],
-            ..Default::default()
-        };
-        assert!(config_path_of(Some(&bad)).is_err());
     }
 }

@@ -1,6 +1,12 @@
 //! A container: its bundle, runc driver, init process and exec processes,
 //! and the preparation of a new one (runtime options, rootfs mounts, CRIU
 //! configuration annotation, stdio, `runc create`).
+//!
+//! A container hands [`crate::checkpoint`] and [`crate::restore`] only what
+//! they need ([`Container::checkpoint_target`],
+//! [`Container::restore_target`]) and takes back what a restore brought up
+//! ([`Container::adopt_restored`]): those two paths never see a
+//! `Container`, so they depend on nothing above them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,34 +15,21 @@ use std::sync::Arc;
 use containerd_shim::mount::umount_recursive;
 use containerd_shim::util::{mkdir, mount_rootfs, write_options};
 use containerd_shim_protos::api::CreateTaskRequest;
-use containerd_shim_protos::protobuf::well_known_types::any::Any;
-use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim::oci::Options as RuncOptions;
 
+use crate::checkpoint;
 use crate::config::{Overrides, ShimConfig};
 use crate::criu_conf;
 use crate::error::{Error, Result};
-use crate::process::Process;
-use crate::runc::{CreateArgs, ProcessStdio, Runc};
-use crate::stdio::{self, ConsoleSocket, StdioPaths};
+use crate::options::parse_runc_options;
+use crate::process::{Process, Status};
+use crate::restore::{self, LazyDaemon, RestoreSource, Restored};
+use crate::runc::{read_pid, CreateArgs, ProcessStdio, Runc};
+use crate::stdio::{self, console_socket_dir, ConsoleSocket, StdioPaths};
 
 /// Where runc keeps container state when the runtime options name no
 /// root: `<RUNC_ROOT>/<namespace>`.
 pub const RUNC_ROOT: &str = "/run/ms2m/runc";
-
-/// The type of containerd's runc runtime options.
-const RUNC_OPTIONS_TYPE: &str = "containerd.runc.v1.Options";
-
-/// A checkpoint a container is to be restored from at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreSource {
-    /// CRIU images.
-    pub image_path: PathBuf,
-    /// CRIU work directory, if the runtime options name one.
-    pub work_path: Option<PathBuf>,
-    /// Parent images (incremental checkpoints).
-    pub parent_path: Option<PathBuf>,
-}
 
 /// A container managed by this shim.
 pub struct Container {
@@ -69,7 +62,7 @@ pub struct Container {
     /// The container's ms2m annotations.
     pub overrides: Overrides,
     /// The lazy-pages daemon serving a lazily restored container's memory.
-    pub lazy: Option<crate::restore::LazyDaemon>,
+    pub lazy: Option<LazyDaemon>,
     /// The AMQP tap configuration (`io.ms2m.tap.upstream`), if opted in.
     pub tap_config: Option<ms2m_tap::TapConfig>,
     /// The running AMQP tap.
@@ -121,6 +114,55 @@ impl Container {
     pub fn describe(&self, exec_id: &str) -> String {
         describe(&self.id, exec_id)
     }
+
+    /// What a checkpoint of this container needs, for containerd namespace
+    /// `namespace`. Takes the fence file of the previous checkpoint: any
+    /// checkpoint attempt voids it (see [`checkpoint::Target::void_fence`]).
+    pub fn checkpoint_target(&mut self, namespace: &str) -> checkpoint::Target {
+        checkpoint::Target {
+            id: self.id.clone(),
+            namespace: namespace.to_string(),
+            bundle: self.bundle.clone(),
+            runc: self.runc.clone(),
+            runc_root: self.runc_root.clone(),
+            init_pid: self.init.pid,
+            was_paused: self.init.status == Status::Paused,
+            criu_conf: self.criu_conf.clone(),
+            config: self.config.clone(),
+            overrides: self.overrides.clone(),
+            tap: self.tap.clone().zip(self.tap_config.clone()),
+            void_fence: self.fence_file.take(),
+        }
+    }
+
+    /// What the restore of this container's init needs.
+    pub fn restore_target(&self) -> restore::Target {
+        restore::Target {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            runc: self.runc.clone(),
+            stdio: self.init.stdio.clone(),
+            no_pivot: self.options.no_pivot_root,
+            criu_conf: self.criu_conf.clone(),
+            config: self.config.clone(),
+            overrides: self.overrides.clone(),
+            tap: self.tap_config.clone(),
+        }
+    }
+
+    /// Takes over what the restore of the init brought up (pid, stdio, its
+    /// lazy-pages daemon and tap): the container no longer waits to be
+    /// restored. A stdin containerd closed meanwhile is closed now.
+    pub fn adopt_restored(&mut self, restored: Restored) {
+        self.init.pid = restored.pid;
+        self.lazy = restored.lazy;
+        self.tap = restored.tap;
+        if self.init.stdin_closed {
+            restored.io.close_stdin();
+        }
+        self.init.io = Some(restored.io);
+        self.restore_from = None;
+    }
 }
 
 /// "container ID" or "exec E of container ID", for messages.
@@ -132,25 +174,6 @@ pub fn describe(id: &str, exec_id: &str) -> String {
     }
 }
 
-/// Decodes containerd's runc runtime options; other option types are
-/// ignored (default options).
-pub fn parse_runc_options(any: Option<&Any>) -> Result<RuncOptions> {
-    let Some(any) = any.filter(|a| !a.type_url.is_empty()) else {
-        return Ok(RuncOptions::default());
-    };
-    if type_name(&any.type_url) != RUNC_OPTIONS_TYPE {
-        tracing::debug!(type_url = %any.type_url, "ignoring task options of another type");
-        return Ok(RuncOptions::default());
-    }
-    RuncOptions::parse_from_bytes(&any.value)
-        .map_err(|e| Error::InvalidArgument(format!("decode {RUNC_OPTIONS_TYPE}: {e}")))
-}
-
-/// The message name of a type URL (`type.googleapis.com/a.b.C` -> `a.b.C`).
-pub fn type_name(type_url: &str) -> &str {
-    type_url.rsplit('/').next().unwrap_or(type_url)
-}
-
 /// runc's state directory for these options and namespace.
 pub fn runc_root(options: &RuncOptions, namespace: &str) -> PathBuf {
     let base = if options.root.is_empty() {
@@ -159,20 +182,6 @@ pub fn runc_root(options: &RuncOptions, namespace: &str) -> PathBuf {
         options.root.as_str()
     };
     Path::new(base).join(namespace)
-}
-
-/// Reads a pid file runc wrote.
-pub fn read_pid(path: &Path) -> Result<i32> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::internal(format!("read pid file {}", path.display()), e))?;
-    text.trim()
-        .parse::<i32>()
-        .map_err(|e| Error::internal(format!("parse pid file {}", path.display()), e))
-}
-
-/// The directory for console sockets (socket paths must stay short).
-pub fn console_socket_dir() -> PathBuf {
-    std::env::temp_dir()
 }
 
 /// Prepares the bundle and creates the container with `runc create`, or,
@@ -350,43 +359,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_of_other_types_are_ignored() {
-        let any = Any {
-            type_url: "io.containerd.something.Else".into(),
-            value: vec![1, 2, 3],
-            ..Default::default()
-        };
-        assert_eq!(
-            parse_runc_options(Some(&any)).unwrap(),
-            RuncOptions::default()
-        );
-        assert_eq!(parse_runc_options(None).unwrap(), RuncOptions::default());
-    }
-
-    #[test]
-    fn runc_options_are_decoded() {
+    fn runc_root_of_options() {
         let opts = RuncOptions {
-            criu_image_path: "/dev/shm/img".into(),
             root: "/run/x".into(),
             ..Default::default()
         };
-        let any = Any {
-            type_url: "containerd.runc.v1.Options".into(),
-            value: opts.write_to_bytes().unwrap(),
-            ..Default::default()
-        };
-        let got = parse_runc_options(Some(&any)).unwrap();
-        assert_eq!(got.criu_image_path, "/dev/shm/img");
-        assert_eq!(runc_root(&got, "ms2m"), PathBuf::from("/run/x/ms2m"));
+        assert_eq!(runc_root(&opts, "ms2m"), PathBuf::from("/run/x/ms2m"));
         assert_eq!(
             runc_root(&RuncOptions::default(), "ms2m"),
             PathBuf::from("/run/ms2m/runc/ms2m")
         );
-        let bad = Any {
-            type_url: "type.googleapis.com/containerd.runc.v1.Options".into(),
-            value: vec![0xff, 0xff, 0xff],
-            ..Default::default()
-        };
-        assert!(parse_runc_options(Some(&bad)).is_err());
     }
 }

@@ -4,27 +4,37 @@
 //!
 //! Module map:
 //! - [`shim`]: start/delete/serve, as containerd drives a shim binary.
-//! - [`service`]: the task API (one method per RPC) and task events.
+//! - [`service`]: the task API (one method per RPC, a file per group of
+//!   calls) and task events.
 //! - [`container`], [`process`]: container and process state, status
 //!   transitions, exit status and waiters.
 //! - [`exits`]: routing of reaped child exits (runc commands vs. container
 //!   processes), exits that arrive before their pid is known.
 //! - [`runc`]: the runc command driver.
 //! - [`stdio`]: FIFOs, pipes and pty between containerd and a process.
-//! - [`checkpoint`], [`restore`], [`criu_conf`]: the CRIU paths (strategy
-//!   choice, direct CRIU dumps through criu-bridge or `runc checkpoint`,
-//!   `runc restore` with lazy pages) and the CRIU configuration file runc
-//!   hands to CRIU.
+//! - [`checkpoint`], [`restore`], [`criu_conf`], [`criu_log`]: the CRIU
+//!   paths (strategy choice, direct CRIU dumps through criu-bridge or `runc
+//!   checkpoint`, `runc restore` with lazy pages), the CRIU configuration
+//!   file runc hands to CRIU, and CRIU's error lines in our errors.
 //! - [`frozen_window`]: hooks run while the container is frozen.
+//! - [`after_checkpoint`]: whether a tap keeps holding deliveries after a
+//!   leave-running checkpoint (`io.ms2m.tap.after-checkpoint`).
+//! - [`source_cgroups`]: the source's cgroups, recorded at checkpoint and
+//!   stood in for at a restore under a new id.
 //! - [`broker`]: the per-container AMQP tap (crate `ms2m-tap`): started at
 //!   create and restore, quiesced and cut at checkpoint.
 //! - [`inflight`]: dumps in flight; SIGTERM/SIGINT aborts them and thaws.
 //! - [`config`]: the shim's TOML configuration and per-container
 //!   annotations.
+//! - [`options`]: containerd's option messages (protobuf `Any`) decoded.
 //! - [`netns`]: brings `lo` up in a restored container.
 //! - [`oom`]: cgroup v1 OOM events.
 //! - [`logging`]: tracing to containerd's shim log FIFO.
 //! - [`error`]: errors and their ttrpc codes.
+//!
+//! Dependencies run one way: `service` → `container` → `checkpoint` /
+//! `restore` → `broker`, `config` → `options` (the whole map is in
+//! docs/architecture.md).
 
 mod after_checkpoint;
 mod broker;
@@ -32,6 +42,7 @@ mod checkpoint;
 mod config;
 mod container;
 mod criu_conf;
+mod criu_log;
 mod error;
 mod exits;
 mod frozen_window;
@@ -39,6 +50,7 @@ mod inflight;
 mod logging;
 mod netns;
 mod oom;
+mod options;
 mod process;
 mod restore;
 mod runc;

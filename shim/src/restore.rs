@@ -3,6 +3,10 @@
 //! waits in the created state; its Start runs `runc restore --detach`
 //! with the process's stdio set up as for a create, then reads CRIU's
 //! restore statistics.
+//!
+//! [`restore`] reads top to bottom; the helpers follow it in the order it
+//! calls them. The path sees the container only through [`Target`] and
+//! hands back [`Restored`], so it depends on nothing above it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,98 +18,63 @@ use criu_bridge::manifest::{describe_restore, Manifest};
 use criu_bridge::rpc::LazyPages;
 use criu_bridge::stats::read_restore_stats;
 
-use crate::checkpoint::criu_errors;
 use crate::config::{LazyChoice, Overrides, ShimConfig};
-use crate::container::{console_socket_dir, read_pid, RestoreSource};
 use crate::criu_conf;
+use crate::criu_log::criu_errors;
 use crate::error::{Error, Result};
 use crate::exits::ExitHub;
-use crate::runc::{ProcessStdio, RestoreArgs, Runc};
-use crate::stdio::{self, ConsoleSocket, ProcessIo, StdioPaths};
+use crate::runc::{read_pid, ProcessStdio, RestoreArgs, Runc};
+use crate::stdio::{self, console_socket_dir, ConsoleSocket, ProcessIo, StdioPaths};
 
-/// What the restore needs to know about the container.
-pub struct Target<'a> {
+/// A checkpoint a container is to be restored from at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSource {
+    /// CRIU images.
+    pub image_path: PathBuf,
+    /// CRIU work directory, if the runtime options name one.
+    pub work_path: Option<PathBuf>,
+    /// Parent images (incremental checkpoints).
+    pub parent_path: Option<PathBuf>,
+}
+
+/// What the restore needs to know about the container (copied out of it,
+/// so the restore runs without the service's state lock).
+pub struct Target {
     /// Container id.
-    pub id: &'a str,
+    pub id: String,
     /// Bundle directory.
-    pub bundle: &'a Path,
+    pub bundle: PathBuf,
     /// runc for the container.
-    pub runc: &'a Runc,
+    pub runc: Runc,
     /// The process's stdio.
-    pub stdio: &'a StdioPaths,
+    pub stdio: StdioPaths,
     /// `--no-pivot`.
     pub no_pivot: bool,
     /// The CRIU configuration file the shim owns, if any.
-    pub criu_conf: Option<&'a Path>,
+    pub criu_conf: Option<PathBuf>,
     /// The shim configuration.
-    pub config: &'a Arc<ShimConfig>,
+    pub config: Arc<ShimConfig>,
     /// The container's ms2m annotations.
-    pub overrides: &'a Overrides,
+    pub overrides: Overrides,
     /// The AMQP tap configuration, when the container opted in.
-    pub tap: Option<&'a ms2m_tap::TapConfig>,
+    pub tap: Option<ms2m_tap::TapConfig>,
 }
 
-/// A lazy-pages daemon serving a restored container's memory. The shim's
-/// reaper reaps it; the daemon is killed when this is dropped (task
-/// delete) while it still runs.
-pub struct LazyDaemon {
-    pid: u32,
-    done: Arc<std::sync::atomic::AtomicBool>,
-    _daemon: LazyPages,
+/// A restored container, as the restore hands it back.
+pub struct Restored {
+    /// The restored init's host pid.
+    pub pid: i32,
+    /// Its stdio.
+    pub io: ProcessIo,
+    /// The lazy-pages daemon serving its memory, if restored lazily.
+    pub lazy: Option<LazyDaemon>,
+    /// Its AMQP tap, resumed at the checkpoint's cut, when it has one.
+    pub tap: Option<ms2m_tap::Tap>,
 }
 
-impl Drop for LazyDaemon {
-    fn drop(&mut self) {
-        if !self.done.load(std::sync::atomic::Ordering::SeqCst) {
-            // SAFETY: kill(2) on our own child, not yet reaped (the reaper
-            // sets `done` when it reaps it).
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
-            tracing::info!(pid = self.pid, "lazy-pages daemon killed (task deleted)");
-        }
-    }
-}
-
-/// Whether to restore lazily, and why.
-fn plan_lazy(
-    target: &Target<'_>,
-    manifest: Option<&Manifest>,
-    features: Option<&Features>,
-) -> Result<(bool, String)> {
-    let choice = target.overrides.lazy_pages(target.config)?;
-    let min = target.config.restore.lazy_min_rss_mib * 1024 * 1024;
-    let bytes = manifest
-        .and_then(|m| m.stats.as_ref())
-        .map(|s| s.pages_written * 4096);
-    let can = features.is_some_and(Features::lazy_pages);
-    Ok(match choice {
-        LazyChoice::Never => (false, "lazy pages off (configuration)".into()),
-        LazyChoice::Always if can => (true, "lazy pages forced".into()),
-        LazyChoice::Always => {
-            return Err(Error::FailedPrecondition(format!(
-                "restore of container {}: lazy pages were forced, but they cannot work here                  (userfaultfd or CRIU support missing)",
-                target.id
-            )))
-        }
-        LazyChoice::Auto => match bytes {
-            Some(b) if b >= min && can => (
-                true,
-                format!("{} MiB of pages >= {} MiB", b >> 20, min >> 20),
-            ),
-            Some(b) if b >= min => (false, "large, but lazy pages cannot work here".into()),
-            Some(b) => (false, format!("{} MiB of pages < {} MiB", b >> 20, min >> 20)),
-            None => (false, "checkpoint size unknown (no manifest statistics)".into()),
-        },
-    })
-}
-
-/// Restores the container; returns the restored init's pid, its stdio,
-/// the lazy-pages daemon serving it, if restored lazily, and its AMQP tap,
-/// resumed at the checkpoint's cut, when it has one.
-pub async fn restore(
-    target: &Target<'_>,
-    from: &RestoreSource,
-) -> Result<(i32, ProcessIo, Option<LazyDaemon>, Option<ms2m_tap::Tap>)> {
-    let id = target.id;
+/// Restores the container (see [`Restored`] for what it hands back).
+pub async fn restore(target: &Target, from: &RestoreSource) -> Result<Restored> {
+    let id = target.id.as_str();
     let images = &from.image_path;
     let what = format!("restore of container {id} from {}", images.display());
     let started = Instant::now();
@@ -149,7 +118,7 @@ pub async fn restore(
             crate::config::TAP_UPSTREAM_ANNOTATION
         );
     }
-    if let Some(conf) = target.criu_conf {
+    if let Some(conf) = &target.criu_conf {
         criu_conf::write(conf, &CriuConfig::new().tcp_close(dumped.tcp_close))?;
     }
 
@@ -192,39 +161,7 @@ pub async fn restore(
         lazy_pages: lazy,
     };
     let daemon = if lazy {
-        let (images, work2, criu2) = (images.clone(), work.clone(), criu.clone());
-        let lp = tokio::task::spawn_blocking(move || {
-            LazyPages::start(&criu2, &images, Some(&work2), None, Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| Error::internal("start the lazy-pages daemon", e))?
-        .map_err(|e| Error::internal(format!("{what}: lazy pages"), e))?;
-        let pid = lp.pid();
-        let exited = ExitHub::global().register(pid as i32);
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let d = done.clone();
-        let cid = id.to_string();
-        let log = lp.log_file().to_path_buf();
-        let t0 = Instant::now();
-        tracing::info!(id, pid, ready_ms = lp.ready_ms, "lazy-pages daemon ready");
-        tokio::spawn(async move {
-            let status = exited.await.ok();
-            d.store(true, std::sync::atomic::Ordering::SeqCst);
-            let elapsed_ms = t0.elapsed().as_millis() as u64;
-            match status {
-                Some(0) => {
-                    tracing::info!(id = %cid, pid, elapsed_ms, "lazy-pages daemon has served all pages and exited")
-                }
-                s => {
-                    tracing::warn!(id = %cid, pid, elapsed_ms, status = ?s, log = %log.display(), "lazy-pages daemon ended abnormally")
-                }
-            }
-        });
-        Some(LazyDaemon {
-            pid,
-            done,
-            _daemon: lp,
-        })
+        Some(LazyDaemon::start(id, &criu, images, &work, &what).await?)
     } else {
         None
     };
@@ -244,9 +181,9 @@ pub async fn restore(
             .await
             .map_err(|e| with_log(e, &work))?;
         let master = socket.receive_master().await?;
-        stdio::attach_console(target.stdio, master)?
+        stdio::attach_console(&target.stdio, master)?
     } else {
-        let (child, io) = stdio::pipes(target.stdio)?;
+        let (child, io) = stdio::pipes(&target.stdio)?;
         if let Err(e) = target.runc.restore(id, &args, child).await {
             io.tasks.abort().await;
             return Err(with_log(e, &work));
@@ -268,7 +205,7 @@ pub async fn restore(
 
     // The app's broker connection was restored closed: its client
     // reconnects to the tap in this new namespace, resumed at the cut.
-    let tap = match target.tap {
+    let tap = match &target.tap {
         Some(tc) => match crate::broker::start(id, pid, tc, resume).await {
             Ok(t) => Some(t),
             Err(e) => {
@@ -300,7 +237,106 @@ pub async fn restore(
     if temp_work && daemon.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    Ok((pid, io, daemon, tap))
+    Ok(Restored {
+        pid,
+        io,
+        lazy: daemon,
+        tap,
+    })
+}
+
+/// Whether to restore lazily, and why.
+fn plan_lazy(
+    target: &Target,
+    manifest: Option<&Manifest>,
+    features: Option<&Features>,
+) -> Result<(bool, String)> {
+    let choice = target.overrides.lazy_pages(&target.config)?;
+    let min = target.config.restore.lazy_min_rss_mib * 1024 * 1024;
+    let bytes = manifest
+        .and_then(|m| m.stats.as_ref())
+        .map(|s| s.pages_written * 4096);
+    let can = features.is_some_and(Features::lazy_pages);
+    Ok(match choice {
+        LazyChoice::Never => (false, "lazy pages off (configuration)".into()),
+        LazyChoice::Always if can => (true, "lazy pages forced".into()),
+        LazyChoice::Always => {
+            return Err(Error::FailedPrecondition(format!(
+                "restore of container {}: lazy pages were forced, but they cannot work here                  (userfaultfd or CRIU support missing)",
+                target.id
+            )))
+        }
+        LazyChoice::Auto => match bytes {
+            Some(b) if b >= min && can => (
+                true,
+                format!("{} MiB of pages >= {} MiB", b >> 20, min >> 20),
+            ),
+            Some(b) if b >= min => (false, "large, but lazy pages cannot work here".into()),
+            Some(b) => (false, format!("{} MiB of pages < {} MiB", b >> 20, min >> 20)),
+            None => (false, "checkpoint size unknown (no manifest statistics)".into()),
+        },
+    })
+}
+
+/// A lazy-pages daemon serving a restored container's memory. The shim's
+/// reaper reaps it; the daemon is killed when this is dropped (task
+/// delete) while it still runs.
+pub struct LazyDaemon {
+    pid: u32,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    _daemon: LazyPages,
+}
+
+impl Drop for LazyDaemon {
+    fn drop(&mut self) {
+        if !self.done.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: kill(2) on our own child, not yet reaped (the reaper
+            // sets `done` when it reaps it).
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            tracing::info!(pid = self.pid, "lazy-pages daemon killed (task deleted)");
+        }
+    }
+}
+
+impl LazyDaemon {
+    /// Starts CRIU's lazy-pages daemon on `images` (ready to serve when
+    /// this returns) and watches for its exit. `what` names the restore in
+    /// errors.
+    async fn start(id: &str, criu: &Path, images: &Path, work: &Path, what: &str) -> Result<Self> {
+        let (images, work2, criu2) = (images.to_path_buf(), work.to_path_buf(), criu.to_path_buf());
+        let lp = tokio::task::spawn_blocking(move || {
+            LazyPages::start(&criu2, &images, Some(&work2), None, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::internal("start the lazy-pages daemon", e))?
+        .map_err(|e| Error::internal(format!("{what}: lazy pages"), e))?;
+        let pid = lp.pid();
+        let exited = ExitHub::global().register(pid as i32);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let cid = id.to_string();
+        let log = lp.log_file().to_path_buf();
+        let t0 = Instant::now();
+        tracing::info!(id, pid, ready_ms = lp.ready_ms, "lazy-pages daemon ready");
+        tokio::spawn(async move {
+            let status = exited.await.ok();
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+            let elapsed_ms = t0.elapsed().as_millis() as u64;
+            match status {
+                Some(0) => {
+                    tracing::info!(id = %cid, pid, elapsed_ms, "lazy-pages daemon has served all pages and exited")
+                }
+                s => {
+                    tracing::warn!(id = %cid, pid, elapsed_ms, status = ?s, log = %log.display(), "lazy-pages daemon ended abnormally")
+                }
+            }
+        });
+        Ok(LazyDaemon {
+            pid,
+            done,
+            _daemon: lp,
+        })
+    }
 }
 
 /// Adds where CRIU's restore log is to a restore error.

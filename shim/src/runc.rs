@@ -13,6 +13,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::OnceCell;
 
 use crate::error::{Error, Result};
 use crate::exits::ExitHub;
@@ -541,6 +542,29 @@ fn parse_ps(out: &[u8]) -> std::result::Result<Vec<i32>, String> {
         return Ok(Vec::new());
     }
     serde_json::from_str::<Vec<i32>>(text).map_err(|e| format!("unexpected output {text:?}: {e}"))
+}
+
+/// Reads a pid file runc wrote.
+pub fn read_pid(path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::internal(format!("read pid file {}", path.display()), e))?;
+    text.trim()
+        .parse::<i32>()
+        .map_err(|e| Error::internal(format!("parse pid file {}", path.display()), e))
+}
+
+/// runc's version, asked once per shim process.
+pub(crate) async fn runc_version(runc: &Runc) -> Option<String> {
+    static VERSION: OnceCell<Option<String>> = OnceCell::const_new();
+    VERSION
+        .get_or_init(|| async {
+            runc.version()
+                .await
+                .map_err(|e| tracing::warn!("runc version unknown: {e}"))
+                .ok()
+        })
+        .await
+        .clone()
 }
 
 #[cfg(test)]

@@ -282,6 +282,11 @@ fn recv_fd(sock: RawFd) -> std::io::Result<RawFd> {
     ))
 }
 
+/// The directory for console sockets (socket paths must stay short).
+pub fn console_socket_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
