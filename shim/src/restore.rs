@@ -132,7 +132,7 @@ pub async fn restore(target: &Target, from: &RestoreSource) -> Result<Restored> 
     let (lazy, lazy_reason) = plan_lazy(target, manifest.as_ref(), Some(&features))?;
     // The source's cgroups, if gone, for CRIU to restore the tasks into
     // until they are adopted below (crate::source_cgroups).
-    let stand_ins = crate::source_cgroups::stand_in(manifest.as_ref(), id);
+    let stand_ins = crate::source_cgroups::stand_in(manifest.as_ref(), id, &target.bundle);
     tracing::info!(id, lazy, "restore: {lazy_reason}");
 
     let (work, temp_work) = match &from.work_path {

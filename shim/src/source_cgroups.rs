@@ -42,8 +42,9 @@ pub struct StandIns {
 }
 
 /// Creates the recorded source cgroups that do not exist (only below
-/// `/sys/fs/cgroup/`).
-pub fn stand_in(manifest: Option<&Manifest>, id: &str) -> StandIns {
+/// `/sys/fs/cgroup/`), except the restored container's own (same
+/// `linux.cgroupsPath` in its bundle): runc makes those.
+pub fn stand_in(manifest: Option<&Manifest>, id: &str, bundle: &Path) -> StandIns {
     let mut s = StandIns::default();
     let Some(paths) = manifest
         .and_then(|m| m.extensions.get(MANIFEST_KEY))
@@ -52,8 +53,9 @@ pub fn stand_in(manifest: Option<&Manifest>, id: &str) -> StandIns {
     else {
         return s;
     };
+    let own = own_cgroups_path(bundle);
     for p in paths.values().filter_map(|v| v.as_str()).map(Path::new) {
-        if !is_cgroup_dir(p) || p.exists() {
+        if !is_cgroup_dir(p) || p.exists() || own.as_deref().is_some_and(|o| is_own(p, o)) {
             continue;
         }
         // Parents first, remembering each one made here.
@@ -80,6 +82,23 @@ pub fn stand_in(manifest: Option<&Manifest>, id: &str) -> StandIns {
         );
     }
     s
+}
+
+/// The container's `linux.cgroupsPath` (cgroupfs form, `/a/b`).
+fn own_cgroups_path(bundle: &Path) -> Option<String> {
+    let text = std::fs::read(bundle.join("config.json")).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let p = spec.pointer("/linux/cgroupsPath")?.as_str()?.trim();
+    (p.starts_with('/') && p.len() > 1).then(|| p.to_string())
+}
+
+/// Whether the host cgroup directory `p` is the one for `cgroups_path`
+/// (in any hierarchy: `/sys/fs/cgroup/<hierarchy>/<cgroups_path>`).
+fn is_own(p: &Path, cgroups_path: &str) -> bool {
+    p.to_str().is_some_and(|s| {
+        s.trim_end_matches('/')
+            .ends_with(cgroups_path.trim_end_matches('/'))
+    })
 }
 
 /// A new v1 cpuset cgroup has no CPUs nor memory nodes, and no task can
@@ -127,8 +146,21 @@ mod tests {
 
     #[test]
     fn nothing_without_a_record() {
-        assert!(stand_in(None, "c").created.is_empty());
+        let b = Path::new("/nonexistent");
+        assert!(stand_in(None, "c", b).created.is_empty());
         let m = Manifest::new("c");
-        assert!(stand_in(Some(&m), "c").created.is_empty());
+        assert!(stand_in(Some(&m), "c", b).created.is_empty());
+    }
+
+    #[test]
+    fn own_paths_are_runcs() {
+        assert!(is_own(
+            Path::new("/sys/fs/cgroup/unified/k8s.io/abc"),
+            "/k8s.io/abc"
+        ));
+        assert!(!is_own(
+            Path::new("/sys/fs/cgroup/unified/k8s.io/abd"),
+            "/k8s.io/abc"
+        ));
     }
 }
