@@ -120,7 +120,7 @@ ensure_cri_plugin() {
         die "containerd at $MS2M_CONTAINERD_ADDRESS serves no CRI and was not started by hack/start-containerd.sh (no pid in $pidfile): restart it with $MS2M_CONTAINERD_CONFIG"
     fi
     "$MS2M_ROOT/hack/start-containerd.sh"
-    cri_serving || die "containerd at $MS2M_CONTAINERD_ADDRESS does not serve CRI (see /var/log/ms2m/containerd.log)"
+    cri_serving || die "containerd at $MS2M_CONTAINERD_ADDRESS does not serve CRI (see ${MS2M_CONTAINERD_LOG:-/var/log/ms2m/containerd.log})"
 }
 
 ctr_cri() { ctr --address "$MS2M_CONTAINERD_ADDRESS" -n "$MS2M_CRI_NAMESPACE" "$@"; }

@@ -13,12 +13,16 @@ if ctr --address "$MS2M_CONTAINERD_ADDRESS" version >/dev/null 2>&1; then
 fi
 command -v containerd >/dev/null || die "containerd not installed: run hack/setup.sh"
 
-mkdir -p "$(dirname "$MS2M_CONTAINERD_CONFIG")" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" /var/log/ms2m
+# Where containerd logs (another instance started with this script's
+# variables, e.g. for development, can log elsewhere).
+: "${MS2M_CONTAINERD_LOG:=/var/log/ms2m/containerd.log}"
+mkdir -p "$(dirname "$MS2M_CONTAINERD_CONFIG")" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" \
+    "$(dirname "$MS2M_CONTAINERD_LOG")"
 write_containerd_config "$MS2M_CONTAINERD_CONFIG" "$MS2M_CONTAINERD_ROOT" "$MS2M_CONTAINERD_STATE" \
     "$MS2M_CONTAINERD_ADDRESS" "" cri
 
-log "starting containerd (log: /var/log/ms2m/containerd.log)"
-nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>/var/log/ms2m/containerd.log 2>&1 &
+log "starting containerd (log: $MS2M_CONTAINERD_LOG)"
+nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>"$MS2M_CONTAINERD_LOG" 2>&1 &
 echo $! > "$MS2M_CONTAINERD_STATE/containerd.pid"
 for _ in $(seq 1 100); do
     if ctr --address "$MS2M_CONTAINERD_ADDRESS" version >/dev/null 2>&1; then
@@ -27,5 +31,5 @@ for _ in $(seq 1 100); do
     fi
     sleep 0.1
 done
-tail -20 /var/log/ms2m/containerd.log >&2
+tail -20 "$MS2M_CONTAINERD_LOG" >&2
 die "containerd did not come up within 10 s"
