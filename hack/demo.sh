@@ -16,7 +16,8 @@
 #          namespace, hack/host-b.sh): the consumer serves on while its
 #          checkpoint crosses over TCP and the target catches up; next to a
 #          stop-and-copy move of another loaded consumer, with the checker's
-#          counts and the longest processing gap of each.
+#          counts and the longest processing gap of each; then a consumer of
+#          a classic queue moves live too, through the classic-queue mirror.
 #
 #   hack/demo.sh           set up everything first (idempotent), then run the demo
 #   MS2M_SKIP_SETUP=1 hack/demo.sh    skip the set-up step
@@ -37,6 +38,8 @@ LIVE=ms2m-demo-live
 SAC=ms2m-demo-sac
 QUEUE4="ms2m-demo-live-$$"
 QUEUE5="ms2m-demo-sac-$$"
+CLASSIC=ms2m-demo-classic
+QUEUE6="ms2m-demo-classic-$$"
 ms2m_cli() { ms2m --address "$MS2M_CONTAINERD_ADDRESS" --namespace "$MS2M_NAMESPACE" "$@"; }
 counter() { ctr_ms2m task exec --exec-id "demo-read-$RANDOM" "$ID" cat /tmp/counter; }
 remove() {
@@ -50,13 +53,14 @@ cleanup() {
     remove "$MOVED"
     remove "$LIVE"
     remove "$SAC"
-    for c in "$LIVE" "$SAC"; do
+    remove "$CLASSIC"
+    for c in "$LIVE" "$SAC" "$CLASSIC"; do
         ctr_b task kill -s KILL "$c" >/dev/null 2>&1 || true
         for _ in 1 2 3 4 5 6 7 8 9 10; do ctr_b task delete "$c" >/dev/null 2>&1 && break; sleep 0.2; done
         ctr_b container rm "$c" >/dev/null 2>&1 || true
     done
     for q in "$QUEUE" "$QUEUE.results" "$QUEUE3" "$QUEUE3.results" "$QUEUE4" "$QUEUE4.results" \
-        "$QUEUE5" "$QUEUE5.results"; do
+        "$QUEUE5" "$QUEUE5.results" "$QUEUE6" "$QUEUE6.results"; do
         rabbitmqctl -q -n ms2m@localhost delete_queue "$q" >/dev/null 2>&1 || true
     done
     rm -rf /dev/shm/ms2m-demo
@@ -102,11 +106,12 @@ DEMO_BIN="$CARGO_TARGET_DIR/release/ms2m-amqp-demo"
 (cd "$MS2M_ROOT" && cargo build --release --locked -q -p ms2m-runtime-tests --bin ms2m-amqp-demo)
 state_of() { ctr_ms2m task exec --exec-id "demo-st-$RANDOM" "$1" cat /tmp/consumer-state 2>/dev/null || true; }
 consumer_state() { state_of "$CONSUMER"; }
-# run_consumer NAME QUEUE: the lapin consumer behind the tap, connected.
+# run_consumer NAME QUEUE [stream|classic]: the lapin consumer behind the
+# tap, connected.
 run_consumer() {
     ctr_ms2m run -d --runtime io.containerd.ms2m.v1 \
         --annotation "io.ms2m.tap.upstream=amqp://guest:guest@127.0.0.1:5672/%2f" \
-        --env QUEUE="$2" --env QUEUE_TYPE=stream --env CONSUMER_NAME=demo \
+        --env QUEUE="$2" --env QUEUE_TYPE="${3:-stream}" --env CONSUMER_NAME=demo \
         --env AMQP_URL="amqp://guest:guest@localhost:5672/%2f" \
         "$MS2M_TEST_IMAGE" "$1" /usr/local/bin/amqp-consumer
     for _ in $(seq 1 100); do state_of "$1" | grep -Eq '"connects": *[1-9]' && break; sleep 0.1; done
@@ -196,5 +201,16 @@ sleep 1
     || die "the checker found lost, duplicated or out-of-order messages after the stop-and-copy move"
 echo "(the live migration's largest gap is the source's checkpoint freeze, not the cutover;"
 echo " the stop-and-copy gap is the whole checkpoint + transfer + restore + reconnect)"
+
+step "17. A consumer of a classic queue moves live too: the source's tap mirrors what it acks after the cut"
+run_consumer "$CLASSIC" "$QUEUE6" classic
+"$DEMO_BIN" produce "$QUEUE6" 3000 500 /dev/shm/ms2m-demo/confirmed6 &
+PRODUCER=$!
+sleep 2
+ms2m_cli migrate --to "$MS2M_HOSTB_AGENT" "$CLASSIC"
+wait "$PRODUCER"
+sleep 1
+"$DEMO_BIN" check "$QUEUE6.results" /dev/shm/ms2m-demo/confirmed6 \
+    || die "the checker found lost, duplicated or out-of-order messages after the classic-queue migration"
 echo
 echo "demo finished"

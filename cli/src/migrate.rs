@@ -336,21 +336,7 @@ struct Undo {
 /// A migration id for `id` now: the container id (sanitized) and the time.
 pub fn migration_id(id: &str, now: SystemTime) -> String {
     let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let mut base: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(96)
-        .collect();
-    if base.starts_with('.') || base.is_empty() {
-        base.insert(0, 'c');
-    }
-    format!("{base}-{ms}")
+    migration::id_for(id, ms)
 }
 
 async fn source_request(cd: &Containerd, id: &str, req: &MigrateRequest) -> Result<()> {

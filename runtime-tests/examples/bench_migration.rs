@@ -49,8 +49,7 @@
 //!   one producer; per migration total/gap; the checker and digest over all.
 //!   A migration that does not report `migrated` is counted (and its error
 //!   kept); the consumer stays where it was and the next one is tried. On a
-//!   classic queue the first refusal ends the figure with the refusal
-//!   message (classic queues may not migrate live yet).
+//!   classic queue each move replays the source's mirror stream first.
 //!
 //! Output: one JSON object per figure on stdout, `{"name","runtime","unit",
 //! "median","min","max","runs","values",...}` (`runtime` names the client,
@@ -469,7 +468,6 @@ struct Run {
 
 /// Starts a producer at `rate`, moves the consumer by `plan` (true:
 /// stop-and-copy) with `pause` between moves, then checks everything.
-/// A classic queue's first failed migration ends the plan.
 #[allow(clippy::too_many_arguments)]
 fn run_plan(
     fig: &str,
@@ -516,12 +514,6 @@ fn run_plan(
             log(&format!("{fig} {}: error: {e}", i + 1));
             consecutive_failures += 1;
             migrations.push(m);
-            if kind == QueueKind::Classic {
-                log(&format!(
-                    "{fig}: classic queue: the migration was refused or failed; not trying more"
-                ));
-                break;
-            }
             // The consumer stayed where it was: the next move would be the
             // same one again.
             if consecutive_failures >= 3 || c.on_b {
@@ -821,18 +813,18 @@ fn interleaved(runs: usize) -> Vec<bool> {
     (0..2 * runs).map(|i| matches!(i % 4, 1 | 2)).collect()
 }
 
-fn gap(runs: usize, rate: u64, client: Client) -> bool {
-    let fig = format!("gap-{}-{rate}", client.name());
+fn gap(runs: usize, rate: u64, client: Client, kind: QueueKind) -> bool {
+    let fig = format!("gap-{}-{}-{rate}", client.name(), kind.as_str());
     let run = run_moves(
         &fig,
         client,
-        QueueKind::Stream,
+        kind,
         rate,
         0,
         &interleaved(runs),
         Duration::from_millis(1500),
     );
-    let variant = format!("{}-stream", client.name());
+    let variant = format!("{}-{}", client.name(), kind.as_str());
     let prefix = format!("mig{rate}");
     mode_figures(&prefix, &variant, &run, rate);
     exactness_figures(&prefix, &variant, &run);
@@ -1037,6 +1029,15 @@ fn pingpong(migrations: usize, rate: u64, client: Client, kind: QueueKind) -> bo
     run.clean
 }
 
+/// The queue kind in `args[i]`: `stream` (the default) or `classic`.
+fn kind_arg(args: &[String], i: usize) -> QueueKind {
+    match args.get(i).map(String::as_str) {
+        Some("stream") | None => QueueKind::Stream,
+        Some("classic") => QueueKind::Classic,
+        other => panic!("expected stream or classic, got {other:?}"),
+    }
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
     args.get(i)
         .and_then(|a| a.parse().ok())
@@ -1061,6 +1062,7 @@ fn main() {
             arg(&args, 2, "runs"),
             arg(&args, 3, "rate"),
             client_arg(&args, 4),
+            kind_arg(&args, 5),
         ),
         Some("catchup") => catchup(
             arg(&args, 2, "runs"),
@@ -1068,19 +1070,12 @@ fn main() {
             arg(&args, 4, "work us"),
             client_arg(&args, 5),
         ),
-        Some("pingpong") => {
-            let kind = match args.get(5).map(String::as_str) {
-                Some("stream") | None => QueueKind::Stream,
-                Some("classic") => QueueKind::Classic,
-                other => panic!("pingpong: expected stream or classic, got {other:?}"),
-            };
-            pingpong(
-                arg(&args, 2, "migrations"),
-                arg(&args, 3, "rate"),
-                client_arg(&args, 4),
-                kind,
-            )
-        }
+        Some("pingpong") => pingpong(
+            arg(&args, 2, "migrations"),
+            arg(&args, 3, "rate"),
+            client_arg(&args, 4),
+            kind_arg(&args, 5),
+        ),
         _ => {
             eprintln!(
                 "usage: bench_migration gap RUNS RATE lapin|pika | catchup RUNS RATE WORK_US lapin|pika | \

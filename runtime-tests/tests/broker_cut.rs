@@ -271,12 +271,35 @@ fn lapin_classic_exit_checkpoint_restore_exactly_once() {
 /// nothing is lost. The killed source processed (and published results
 /// for) messages after the cut: those seqs — and only those, all above the
 /// cut — appear twice downstream. Every seq at or below the cut appears
-/// exactly once.
+/// exactly once. On a classic queue the same holds through the mirror: the
+/// source's tap copied what it settled after the cut into a stream, and the
+/// restore replays that before it consumes the queue again.
 #[test]
 fn pika_stream_leave_running_then_kill_restore_from_content_store() {
-    let (_lock, td, q) = broker_test("bc-pika-cs", QueueKind::Stream, false);
-    let name = "pika-cs";
-    let c = start_consumer(Client::Pika, &q, &td, name, &[]);
+    leave_running_then_kill_restore_from_content_store(Client::Pika, QueueKind::Stream, "pika-cs");
+}
+
+#[test]
+fn lapin_classic_leave_running_then_kill_restore_from_content_store() {
+    leave_running_then_kill_restore_from_content_store(
+        Client::Lapin,
+        QueueKind::Classic,
+        "lapin-classic-cs",
+    );
+}
+
+#[test]
+fn pika_classic_leave_running_then_kill_restore_from_content_store() {
+    leave_running_then_kill_restore_from_content_store(
+        Client::Pika,
+        QueueKind::Classic,
+        "pika-classic-cs",
+    );
+}
+
+fn leave_running_then_kill_restore_from_content_store(client: Client, kind: QueueKind, name: &str) {
+    let (_lock, td, q) = broker_test(&format!("bc-{name}"), kind, false);
+    let c = start_consumer(client, &q, &td, name, &[]);
     const N: u64 = 1200;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
     wait_consumer_count(&c, 250, Duration::from_secs(20));
@@ -293,7 +316,7 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
     // The source keeps processing past the cut, then dies.
     std::thread::sleep(Duration::from_millis(700));
     c.kill_and_delete_task();
-    let restored_log = td.join("pika-cs.restored.log");
+    let restored_log = td.join(&format!("{name}.restored.log"));
     let out = ms2m(&[
         "restore",
         "--log",
@@ -353,7 +376,11 @@ fn pika_stream_leave_running_then_kill_restore_from_content_store() {
 /// ones the source had made after the cut): downstream, every result
 /// exactly once, in order, and the restored state is that of 1..=N.
 fn leave_running_fence_kill_restore(client: Client, name: &str) {
-    let (_lock, td, q) = broker_test(&format!("bc-{name}"), QueueKind::Stream, false);
+    leave_running_fence_kill_restore_of(client, QueueKind::Stream, name)
+}
+
+fn leave_running_fence_kill_restore_of(client: Client, kind: QueueKind, name: &str) {
+    let (_lock, td, q) = broker_test(&format!("bc-{name}"), kind, false);
     let c = start_consumer(client, &q, &td, name, &[]);
     const N: u64 = 1200;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
@@ -447,6 +474,18 @@ fn pika_stream_fence_kill_restore_publishes_nothing_twice() {
     leave_running_fence_kill_restore(Client::Pika, "pika-fence");
 }
 
+/// The same on a classic queue: the fence goes through the newest
+/// checkpoint's mirror, and the restore replays it before the queue.
+#[test]
+fn lapin_classic_fence_kill_restore_publishes_nothing_twice() {
+    leave_running_fence_kill_restore_of(Client::Lapin, QueueKind::Classic, "lapin-cfence");
+}
+
+#[test]
+fn pika_classic_fence_kill_restore_publishes_nothing_twice() {
+    leave_running_fence_kill_restore_of(Client::Pika, QueueKind::Classic, "pika-cfence");
+}
+
 /// The fence's refusals and its lifetime: with the consumer SIGSTOPped (it
 /// cannot ack what it holds) the fence is refused after its quiesce bound
 /// and its hold released; a fence without `--kill` is voided (its file
@@ -514,33 +553,51 @@ fn fence_refused_when_unsettled_and_voided_by_a_later_checkpoint() {
     assert_exact(&c, name, &rep.confirmed, &results, N);
 }
 
-/// A fence for a classic-queue consumer is refused before anything is held
-/// (a classic queue cannot replay what the source acked after the cut),
-/// and the consumer goes on processing.
+/// A classic-queue consumer's older leave-running checkpoint cannot be
+/// restored exactly once a newer one replaced its mirror: the restore fails
+/// and names the reason, and starts nothing; the newest one, fenced and
+/// killed, restores exactly.
 #[test]
-fn fence_of_a_classic_queue_consumer_is_refused() {
-    let (_lock, td, q) = broker_test("bc-fence-classic", QueueKind::Classic, false);
-    let c = start_consumer(Client::Lapin, &q, &td, "lapin-fence-classic", &[]);
-    const N: u64 = 600;
+fn classic_restore_of_a_replaced_checkpoint_is_refused() {
+    let (_lock, td, q) = broker_test("bc-classic-old", QueueKind::Classic, false);
+    let name = "lapin-classic-old";
+    let c = start_consumer(Client::Lapin, &q, &td, name, &[]);
+    const N: u64 = 900;
     let producer = Producer::start(ProducerConfig::new(&q.queue, N, 300));
     wait_consumer_count(&c, 100, Duration::from_secs(20));
-    let img = td.join("ck");
+    let (old, img) = (td.join("ck-old"), td.join("ck"));
+    ms2m(&["checkpoint", "--image-path", path_str(&old), &c.id]).ok();
+    assert!(
+        manifest_json(&old)["broker"]["mirrors"]
+            .as_object()
+            .is_some_and(|m| m.contains_key(&q.queue)),
+        "the cut names the queue's mirror: {}",
+        manifest_json(&old)["broker"]
+    );
+    std::thread::sleep(Duration::from_millis(300));
     ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
-    let out = ms2m(&["fence", "--kill", "--image-path", path_str(&img), &c.id]);
+    std::thread::sleep(Duration::from_millis(300));
+    ms2m(&["fence", "--kill", "--image-path", path_str(&img), &c.id]).ok();
+
+    let out = ms2m(&["restore", &c.id, path_str(&old)]);
     assert!(
         !out.success(),
-        "fence of a classic-queue consumer worked: {out}"
+        "restore of a replaced checkpoint worked: {out}"
     );
-    assert!(out.stderr.contains("classic queue"), "{out}");
-    assert!(!img.join("ms2m-fence.json").exists());
-    assert_eq!(
-        c.status().as_deref(),
-        Some("RUNNING"),
-        "--kill must not run after a refused fence"
+    assert!(
+        out.stderr.contains("mirror stream") && out.stderr.contains("is gone"),
+        "{out}"
     );
+    let st = c.status();
+    assert!(
+        st.is_none() || st.as_deref() == Some("STOPPED"),
+        "a refused restore left the task {st:?}"
+    );
+    let out = ms2m(&["restore", "--force", &c.id, path_str(&img)]);
+    assert!(out.success(), "ms2m restore of the newest: {out}");
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     let results = collect_results(&q.results, N as usize, Duration::from_secs(30));
-    assert_exact(&c, "lapin-fence-classic", &rep.confirmed, &results, N);
+    assert_exact(&c, name, &rep.confirmed, &results, N);
 }
 
 /// Removes a checkpoint image from the content store on drop.

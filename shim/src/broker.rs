@@ -194,18 +194,13 @@ fn check_last_stream_cut(
         .filter(|q| q.kind == ms2m_tap::QueueKind::Classic && !mirrored(&q.name))
         .map(|q| q.name.as_str())
         .collect();
-    if !classic.is_empty() && mirror_of.is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "{what}: the container consumes classic queue(s) {classic:?} that the migration's \
-             mirror does not cover (it is armed by the migration's `check` before the \
-             checkpoint, for the queues consumed then). The container keeps running."
-        )));
-    }
     if !classic.is_empty() {
         return Err(Error::FailedPrecondition(format!(
-            "{what}: the container consumes classic queue(s) {classic:?}, which cannot replay \
-             what the source acked after the cut; a fence needs stream queues (use an exit \
-             checkpoint to move a classic-queue consumer). The container keeps running."
+            "{what}: the container consumes classic queue(s) {classic:?} that no mirror of \
+             this checkpoint covers, so what the source settles there after the cut cannot be \
+             replayed (the mirror is armed before a leave-running checkpoint, or by `ms2m \
+             migrate`'s check, for the classic queues consumed then with manual acks and a \
+             prefetch limit; see the shim log for why it was not). The container keeps running."
         )));
     }
     Ok(cut)
@@ -270,7 +265,9 @@ pub async fn fence(id: &str, tap: &Tap, config: &TapConfig, images: &Path) -> Re
         "fence of container {id} for the checkpoint in {}",
         images.display()
     );
-    check_last_stream_cut(id, tap, images, &what, None)?;
+    // Classic queues are fenced through the checkpoint's mirror, if any.
+    let mirror = tap.mirror_status().migration_id;
+    check_last_stream_cut(id, tap, images, &what, mirror.as_deref())?;
     let was_holding = tap.holding();
     let undo = || async {
         if !was_holding {
@@ -332,6 +329,23 @@ pub async fn migrate_start(
     tap.migration_source(&ticket)
         .await
         .map_err(|e| Error::FailedPrecondition(format!("{what}: cannot open the broker link: {e}")))
+}
+
+/// Before a leave-running checkpoint: arms a classic-queue mirror for its
+/// cut (see [`ms2m_tap::mirror`]), so that a later restore of it replays
+/// what the source settles on classic queues after the cut. Without one
+/// (the broker unreachable, a no-ack consumer, no prefetch limit) the
+/// checkpoint goes on, and says so in the log.
+pub async fn arm_checkpoint_mirror(id: &str, tap: &Tap) {
+    match tap.prepare_checkpoint_mirror(id).await {
+        Ok(q) if q.is_empty() => {}
+        Ok(q) => tracing::info!(id, queues = ?q, "classic-queue mirror armed for the checkpoint"),
+        Err(e) => tracing::warn!(
+            id,
+            "no classic-queue mirror for this checkpoint: a restore of it will lack what the \
+             source settles on classic queues after the cut: {e}"
+        ),
+    }
 }
 
 /// Writes `body` to `path` through a temporary file beside it and a rename;
@@ -506,6 +520,7 @@ mod tests {
             captured_at_unix_ms: 1,
             connections: 1,
             queues: vec![],
+            mirrors: Default::default(),
             quiesce: Quiesce::default(),
         }
     }

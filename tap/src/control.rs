@@ -115,6 +115,9 @@ pub(crate) struct Shared {
     pub orders: watch::Sender<Orders>,
     /// The orders each open connection has carried out.
     pub orders_done: Mutex<std::collections::HashMap<u64, Orders>>,
+    /// A restore replaying classic queues from their mirrors: the queues
+    /// whose end marker the app's consumer reached.
+    pub mirror_ends: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Shared {
@@ -148,6 +151,15 @@ impl Shared {
 
     fn last_cut(&self) -> MutexGuard<'_, Option<u64>> {
         self.last_cut_ms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A mirror replay reached the end marker of `queue`'s mirror.
+    pub fn mirror_end_seen(&self, queue: &str) {
+        info!(queue, "ms2m tap: end of the classic queue's mirror reached");
+        self.mirror_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(queue.to_string());
     }
 
     /// Connection `conn` carried out order `kind` up to generation `gen`.
@@ -265,6 +277,18 @@ impl Tap {
         } else {
             suppress_publishes
         };
+        // A plain restore of a cut with classic-queue mirrors replays them
+        // to their end (a marker it appends now: the source is gone), each
+        // delivery held until its header shows whether it is the marker.
+        let replay = match (&shadow, &resume) {
+            (None, Some(cut)) if !cut.mirrors.is_empty() => {
+                let cfg = config.control.clone().ok_or_else(|| {
+                    TapError::Config("the tap has no control link configuration".into())
+                })?;
+                Some(crate::mirror::Replay::prepare(&cfg, &cut.mirrors).await?)
+            }
+            _ => None,
+        };
         let gate = shadow.as_ref().map(|_| {
             resume
                 .as_ref()
@@ -286,17 +310,22 @@ impl Tap {
             suppress_remaining: AtomicU64::new(suppress_publishes),
             suppress_total: suppress_publishes,
             last_cut_ms: Mutex::new(None),
-            shadow_active: AtomicBool::new(gate.is_some()),
+            shadow_active: AtomicBool::new(gate.is_some() || replay.is_some()),
             exited: AtomicBool::new(false),
             gate: crate::migration::Gate::new(gate),
             mirror: Default::default(),
             orders: watch::channel(Orders::default()).0,
             orders_done: Mutex::new(Default::default()),
+            mirror_ends: Mutex::new(Default::default()),
         });
         if let Some(m) = shadow.as_ref().map(|s| &s.ticket.mirrors) {
             if !m.is_empty() {
                 shared.ledger().replay_mirrors(m);
             }
+        }
+        if let Some(replay) = replay {
+            shared.ledger().replay_mirrors(&replay.streams);
+            crate::mirror::spawn_replay_end(shared.clone(), replay);
         }
         if let Some(shadow) = shadow {
             crate::migration::spawn_target(shared.clone(), shadow);
@@ -394,7 +423,7 @@ impl Tap {
     pub fn capture_cut(&self, quiesce: &Quiesce) -> Cut {
         let now = unix_ms();
         let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
-        self.shared.mirror.cut_taken(now);
+        let mirrors = self.shared.mirror.cut_taken(now);
         {
             let mut last = self.shared.last_cut();
             *last = Some(now);
@@ -415,6 +444,7 @@ impl Tap {
                 .load(Ordering::Relaxed),
             queues,
             quiesce: *quiesce,
+            mirrors,
         }
     }
 
@@ -508,7 +538,7 @@ impl Tap {
     /// mirror is deleted (its target went live, or the migration is over).
     pub fn container_exited(&self) {
         self.shared.exited.store(true, Ordering::SeqCst);
-        self.shared.mirror.disarm(true);
+        self.shared.mirror.container_exited();
     }
 
     /// Arms the classic-queue mirror for live migration `migration_id` (see
@@ -525,7 +555,31 @@ impl Tap {
     /// through the app's channel, and RabbitMQ streams need one), and when
     /// the broker cannot be reached.
     pub async fn prepare_mirror(&self, migration_id: &str) -> Result<Vec<String>, TapError> {
-        crate::migration::validate_migration_id(migration_id)?;
+        self.arm_mirror(migration_id, true).await
+    }
+
+    /// Arms a classic-queue mirror for the coming leave-running checkpoint
+    /// of this container (`id`), so that a restore of it after the source
+    /// is gone replays what the source settled after the cut (see
+    /// [`crate::mirror`]); the previous checkpoint's mirror is deleted.
+    /// Nothing is armed while a live migration's mirror is armed or in use,
+    /// or when the app consumes no classic queue. Errors as
+    /// [`Tap::prepare_mirror`].
+    pub async fn prepare_checkpoint_mirror(&self, id: &str) -> Result<Vec<String>, TapError> {
+        if self.shared.mirror.status().for_migration {
+            return Ok(Vec::new());
+        }
+        let mirror_id = format!("ck-{}", crate::migration::id_for(id, unix_ms().into()));
+        self.arm_mirror(&mirror_id, false).await
+    }
+
+    async fn arm_mirror(
+        &self,
+        mirror_id: &str,
+        for_migration: bool,
+    ) -> Result<Vec<String>, TapError> {
+        crate::migration::validate_migration_id(mirror_id)?;
+        let migration_id = mirror_id;
         let classic = self.consumed_classic_queues();
         if classic.is_empty() {
             return Ok(classic);
@@ -546,8 +600,10 @@ impl Tap {
             })?;
         let names: Vec<String> = streams.values().cloned().collect();
         let publisher = crate::mirror::Publisher::open(&cfg, &names).await?;
-        self.shared.mirror.arm(migration_id, streams, publisher);
-        info!(migration = migration_id, queues = ?classic, "ms2m tap: classic-queue mirror armed");
+        self.shared
+            .mirror
+            .arm(migration_id, streams, publisher, for_migration);
+        info!(mirror = migration_id, queues = ?classic, "ms2m tap: classic-queue mirror armed");
         Ok(classic)
     }
 

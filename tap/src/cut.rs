@@ -27,6 +27,12 @@ pub struct Cut {
     pub queues: Vec<QueueCut>,
     /// How the quiesce before the capture went.
     pub quiesce: QuiesceReport,
+    /// Classic queues whose messages settled after this cut are copied to a
+    /// mirror stream (queue → stream; see [`crate::mirror`]): a restore
+    /// replays the stream before consuming the queue. Empty when nothing is
+    /// mirrored.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub mirrors: std::collections::BTreeMap<String, String>,
 }
 
 /// Queue type as far as the tap could tell.
@@ -173,6 +179,7 @@ mod tests {
                 acked: 42,
                 in_doubt: vec![],
             }],
+            mirrors: Default::default(),
             quiesce: QuiesceReport {
                 complete: true,
                 waited_ms: 3,

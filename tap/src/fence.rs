@@ -555,6 +555,7 @@ mod tests {
             captured_at_unix_ms: at,
             connections: 1,
             queues: vec![],
+            mirrors: Default::default(),
             quiesce: QuiesceReport::default(),
         }
     }

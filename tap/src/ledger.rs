@@ -299,7 +299,11 @@ impl Ledger {
     /// the mirror count as the queues' stream positions meanwhile.
     pub fn replay_mirrors(&mut self, mirrors: &BTreeMap<String, String>) {
         for (q, stream) in mirrors {
-            self.queues.entry(q.clone()).or_default().stream = true;
+            // Position 0 on the mirror from the start: a target that has
+            // not acked anything yet is 0 behind nothing.
+            let ql = self.queues.entry(q.clone()).or_default();
+            ql.stream = true;
+            ql.next_offset = Some(0);
             self.mirrors.insert(
                 q.clone(),
                 MirrorReplay {
@@ -684,6 +688,16 @@ impl Ledger {
         self.totals.unsettled
     }
 
+    /// Unsettled deliveries from queues matching `queue`.
+    pub fn unsettled_of(&self, queue: &dyn Fn(&str) -> bool) -> usize {
+        self.conns
+            .values()
+            .flat_map(|c| c.channels.values())
+            .flat_map(|ch| ch.unacked.values())
+            .filter(|d| queue(&d.queue))
+            .count()
+    }
+
     /// Prefetch set by basic.qos on a channel, if any.
     pub fn prefetch(&self, conn: u64, ch: u16) -> Option<u16> {
         self.conns.get(&conn)?.channels.get(&ch)?.prefetch
@@ -858,6 +872,84 @@ mod tests {
     }
 
     #[test]
+    fn classic_queue_replays_from_its_mirror_until_the_switch() {
+        let mut l = Ledger::new(None);
+        l.replay_mirrors(&[("orders".to_string(), "ms2m.mirror.m1.orders".to_string())].into());
+        assert!(l.replaying_mirror("orders"));
+        // The first consume goes to the mirror from its start, the app's
+        // name kept for the consumer.
+        let rw = l.client_method(1, 1, &consume("orders", "c1", FieldTable::default()));
+        let Some(AMQPClass::Basic(basic::AMQPMethod::Consume(c))) = rw else {
+            panic!("not rewritten: {rw:?}")
+        };
+        assert_eq!(c.queue.as_str(), "ms2m.mirror.m1.orders");
+        assert_eq!(
+            c.arguments.inner().get(X_STREAM_OFFSET),
+            Some(&offset_spec_value(&OffsetSpec::Offset(0)))
+        );
+        l.server_method(1, 1, &consume_ok("c1"));
+        let cons = l.consumers_of(1, &|q| q == "orders");
+        assert_eq!(cons.len(), 1);
+        assert!(cons[0].1.arguments.inner().get(X_STREAM_OFFSET).is_none());
+        // Positions count on the mirror.
+        deliver(&mut l, 1, "c1", 1, Some(0));
+        deliver(&mut l, 1, "c1", 2, Some(1));
+        assert_eq!(l.unsettled_of(&|q| q == "orders"), 2);
+        l.client_method(1, 1, &ack(2, true));
+        assert_eq!(l.stream_positions().get("orders"), Some(&2));
+        // A reconsume (the app reconnected) continues from there.
+        let rw = l.client_method(2, 1, &consume("orders", "c2", FieldTable::default()));
+        let Some(AMQPClass::Basic(basic::AMQPMethod::Consume(c))) = rw else {
+            panic!("not rewritten: {rw:?}")
+        };
+        assert_eq!(
+            c.arguments.inner().get(X_STREAM_OFFSET),
+            Some(&offset_spec_value(&OffsetSpec::Offset(2)))
+        );
+        // After the switch the queue is classic again and consumes pass.
+        assert_eq!(l.switch_mirrors(), vec!["orders".to_string()]);
+        assert!(!l.replaying_mirror("orders"));
+        assert!(!l.stream_positions().contains_key("orders"));
+        assert!(l
+            .client_method(3, 1, &consume("orders", "c3", FieldTable::default()))
+            .is_none());
+    }
+
+    #[test]
+    fn only_acked_consumers_with_a_prefetch_can_be_mirrored() {
+        let mut l = Ledger::new(None);
+        let qs = vec!["orders".to_string()];
+        l.client_method(1, 1, &consume("orders", "c1", FieldTable::default()));
+        l.server_method(1, 1, &consume_ok("c1"));
+        let e = l.check_mirrorable(&qs).unwrap_err().to_string();
+        assert!(e.contains("prefetch"), "{e}");
+        l.client_method(
+            1,
+            1,
+            &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: 50,
+                ..Default::default()
+            })),
+        );
+        assert!(l.check_mirrorable(&qs).is_ok());
+        l.client_method(
+            1,
+            2,
+            &AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: "orders".into(),
+                consumer_tag: "c2".into(),
+                no_ack: true,
+                ..Default::default()
+            })),
+        );
+        l.server_method(1, 2, &consume_ok("c2"));
+        let e = l.check_mirrorable(&qs).unwrap_err().to_string();
+        assert!(e.contains("no-ack"), "{e}");
+        // Other queues do not matter.
+        assert!(l.check_mirrorable(&["other".to_string()]).is_ok());
+    }
+
+    #[test]
     fn multiple_ack_clears_up_to_tag_only_on_its_channel() {
         let mut l = Ledger::new(None);
         l.client_method(1, 1, &consume("q", "", FieldTable::default()));
@@ -971,6 +1063,7 @@ mod tests {
                 acked: 0,
                 in_doubt: vec![],
             }],
+            mirrors: Default::default(),
             quiesce: QuiesceReport::default(),
         };
         let mut l = Ledger::new(Some(&cut));

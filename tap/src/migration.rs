@@ -134,6 +134,26 @@ pub fn room_of(migration_id: &str) -> String {
     format!("ms2m.migration.{migration_id}")
 }
 
+/// An id usable for a migration or a mirror: the container id with
+/// characters outside `[A-Za-z0-9._-]` replaced (at most 96), then `-ms`.
+pub fn id_for(container_id: &str, unix_ms: u128) -> String {
+    let mut base: String = container_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(96)
+        .collect();
+    if base.starts_with('.') || base.is_empty() {
+        base.insert(0, 'c');
+    }
+    format!("{base}-{unix_ms}")
+}
+
 /// A migration id is 1-128 characters of `[A-Za-z0-9._-]` (it becomes a
 /// routing key and a directory name on the target).
 pub fn validate_migration_id(id: &str) -> Result<(), TapError> {
@@ -407,6 +427,7 @@ impl SourceLink {
                 )));
             }
             self.handed_over.store(true, Ordering::SeqCst);
+            tap.shared.mirror.handed_over();
             if !tap.shared.order(OrderKind::Handover, ORDER_BOUND).await {
                 self.take_back(tap).await;
                 tap.release().await;

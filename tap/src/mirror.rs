@@ -51,6 +51,15 @@ pub const MIRROR_PREFIX: &str = "ms2m.mirror.";
 /// How long the broker keeps a mirror stream's messages at most (a
 /// migration that never finishes does not fill the broker).
 pub const MIRROR_MAX_AGE: &str = "1h";
+/// Header of the end marker a restore appends to a mirror stream.
+pub const END_MARKER_HEADER: &str = "x-ms2m-mirror-end";
+
+/// Whether a message is a mirror's end marker.
+pub fn is_end_marker(p: &AMQPProperties) -> bool {
+    p.headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(END_MARKER_HEADER))
+}
 
 /// The mirror stream of classic queue `queue` in migration `migration_id`.
 /// Queue names make it longer than AMQP's 255-byte limit are shortened to
@@ -80,6 +89,10 @@ pub struct MirrorStatus {
     pub broken: Option<String>,
     /// Mirror stream per classic queue.
     pub streams: BTreeMap<String, String>,
+    /// Armed and waiting for its cut (not copying yet).
+    pub pending: bool,
+    /// Armed by a live migration (its `check`), not by a checkpoint.
+    pub for_migration: bool,
 }
 
 /// The content of a classic delivery kept until the app settles it.
@@ -108,8 +121,15 @@ struct Inner {
     /// Classic queue → its mirror stream.
     streams: BTreeMap<String, String>,
     publisher: Option<Arc<Publisher>>,
+    /// Armed for the next cut (not publishing yet).
+    pending: bool,
+    /// Armed by a live migration's check (not by a checkpoint).
+    for_migration: bool,
     /// Publishing (from the cut on), and which cut.
     active_cut_ms: Option<u64>,
+    /// A migration's fence handed the queues over: the target owns the
+    /// mirror now.
+    handed_over: bool,
     /// Kept content by (connection, channel, delivery tag).
     retained: HashMap<(u64, u16, u64), Retained>,
     /// Confirmed mirror publishes per queue since the cut.
@@ -129,35 +149,72 @@ impl MirrorState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Arms the mirror of migration `migration_id` for `streams` (classic
-    /// queue → mirror stream) with an open publisher.
-    pub fn arm(&self, migration_id: &str, streams: BTreeMap<String, String>, p: Publisher) {
+    /// Arms the mirror `mirror_id` for `streams` (classic queue → mirror
+    /// stream) with an open publisher, for the next cut. A previous mirror
+    /// is closed and its streams deleted (a restore of its checkpoint could
+    /// no longer be exact: it lacks what is mirrored from the new cut on).
+    pub fn arm(
+        &self,
+        mirror_id: &str,
+        streams: BTreeMap<String, String>,
+        p: Publisher,
+        for_migration: bool,
+    ) {
         let old = {
             let mut g = self.lock();
             let old = g.publisher.take();
+            let old_streams: Vec<String> = g
+                .streams
+                .values()
+                .filter(|s| !streams.values().any(|n| n == *s))
+                .cloned()
+                .collect();
             *g = Inner {
-                migration_id: Some(migration_id.to_string()),
+                migration_id: Some(mirror_id.to_string()),
                 streams,
                 publisher: Some(Arc::new(p)),
+                pending: true,
+                for_migration,
                 ..Inner::default()
             };
-            old
+            old.map(|o| (o, old_streams))
         };
         self.capture.store(true, Ordering::SeqCst);
-        if let Some(old) = old {
-            tokio::spawn(async move { old.close().await });
+        if let Some((old, streams)) = old {
+            tokio::spawn(async move {
+                old.delete(&streams).await;
+                old.close().await
+            });
         }
     }
 
-    /// The cut was captured (frozen window): an armed mirror publishes from
-    /// now on, counting from zero.
-    pub fn cut_taken(&self, cut_ms: u64) {
+    /// The cut was captured (frozen window): a mirror armed for it
+    /// publishes from now on, counting from zero; returns its streams for
+    /// the cut. A mirror of an earlier cut goes on as it was (an exit
+    /// checkpoint's cut does not name it).
+    pub fn cut_taken(&self, cut_ms: u64) -> BTreeMap<String, String> {
         let mut g = self.lock();
-        if g.publisher.is_some() {
-            g.active_cut_ms = Some(cut_ms);
-            g.counts = g.streams.keys().map(|q| (q.clone(), 0)).collect();
-            g.broken = None;
+        if !g.pending || g.publisher.is_none() {
+            return BTreeMap::new();
         }
+        g.pending = false;
+        g.active_cut_ms = Some(cut_ms);
+        g.counts = g.streams.keys().map(|q| (q.clone(), 0)).collect();
+        g.broken = None;
+        g.streams.clone()
+    }
+
+    /// A migration's fence handed the queues over to its target.
+    pub fn handed_over(&self) {
+        self.lock().handed_over = true;
+    }
+
+    /// The container exited: a mirror handed over to a migration's target
+    /// (which has replayed it) is deleted; any other is kept for a restore
+    /// of its checkpoint (the broker drops it after [`MIRROR_MAX_AGE`]).
+    pub fn container_exited(&self) {
+        let delete = self.lock().handed_over;
+        self.disarm(delete);
     }
 
     /// Whether `queue` is mirrored.
@@ -244,6 +301,8 @@ impl MirrorState {
             cut_taken_at_unix_ms: g.active_cut_ms,
             broken: g.broken.clone(),
             streams: g.streams.clone(),
+            pending: g.pending,
+            for_migration: g.for_migration,
         }
     }
 
@@ -288,29 +347,15 @@ impl Publisher {
     /// attempt of the same migration id is deleted first: positions count
     /// from an empty stream.
     pub async fn open(cfg: &LinkConfig, streams: &[String]) -> Result<Publisher, TapError> {
-        use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+        use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+        let p = Publisher::connect(cfg).await?;
         let what = |step: &str, e: &dyn std::fmt::Display| {
             TapError::Config(format!(
                 "classic-queue mirror on broker {}:{}: {step}: {e}",
                 cfg.host, cfg.port
             ))
         };
-        let url = cfg.amqp_url();
-        let connect = lapin::Connection::connect(
-            &url,
-            lapin::ConnectionProperties::default().with_connection_name("ms2m tap mirror".into()),
-        );
-        let conn = tokio::time::timeout(cfg.connect_timeout, connect)
-            .await
-            .map_err(|_| what("connecting", &"timed out"))?
-            .map_err(|e| what("connecting", &e))?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| what("opening a channel", &e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| what("confirm.select", &e))?;
+        let ch = &p.ch;
         for s in streams {
             ch.queue_delete(s.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -336,6 +381,34 @@ impl Publisher {
             .map_err(|e| what(&format!("declaring stream {s}"), &e))?;
         }
         info!(streams = ?streams, "ms2m tap: classic-queue mirror ready");
+        Ok(p)
+    }
+
+    /// Connects and selects publisher confirms.
+    async fn connect(cfg: &LinkConfig) -> Result<Publisher, TapError> {
+        use lapin::options::ConfirmSelectOptions;
+        let what = |step: &str, e: &dyn std::fmt::Display| {
+            TapError::Config(format!(
+                "classic-queue mirror on broker {}:{}: {step}: {e}",
+                cfg.host, cfg.port
+            ))
+        };
+        let url = cfg.amqp_url();
+        let connect = lapin::Connection::connect(
+            &url,
+            lapin::ConnectionProperties::default().with_connection_name("ms2m tap mirror".into()),
+        );
+        let conn = tokio::time::timeout(cfg.connect_timeout, connect)
+            .await
+            .map_err(|_| what("connecting", &"timed out"))?
+            .map_err(|e| what("connecting", &e))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| what("opening a channel", &e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| what("confirm.select", &e))?;
         Ok(Publisher { conn, ch })
     }
 
@@ -384,6 +457,119 @@ impl Publisher {
     pub async fn close(&self) {
         let _ = self.conn.close(200, "ms2m mirror done".into()).await;
     }
+}
+
+/// A plain restore's replay of classic queues from their mirrors (see
+/// [`crate::Tap::start_with`]): the restored app consumes each mirror up to
+/// the end marker the restore appended, then its queue.
+pub(crate) struct Replay {
+    /// Classic queue → mirror stream.
+    pub streams: BTreeMap<String, String>,
+    publisher: Publisher,
+}
+
+impl Replay {
+    /// Checks that every mirror stream is still there and appends an end
+    /// marker to each (the checkpoint's source is gone: nothing follows).
+    pub async fn prepare(
+        cfg: &LinkConfig,
+        streams: &BTreeMap<String, String>,
+    ) -> Result<Replay, TapError> {
+        let publisher = Publisher::connect(cfg).await?;
+        for (q, s) in streams {
+            let exists = publisher
+                .ch
+                .queue_declare(
+                    s.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if let Err(e) = exists {
+                publisher.close().await;
+                return Err(TapError::Config(format!(
+                    "the mirror stream {s} of classic queue {q} is gone ({e}): what the \
+                     checkpoint's source processed after the cut cannot be replayed (it was \
+                     restored already, a newer checkpoint replaced it, or it is older than \
+                     {MIRROR_MAX_AGE}); restore the newest checkpoint once"
+                )));
+            }
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(END_MARKER_HEADER.into(), AMQPValue::Boolean(true));
+        let marker = Retained {
+            queue: String::new(),
+            properties: AMQPProperties::default().with_headers(headers),
+            body: Vec::new(),
+        };
+        let entries: Vec<(String, Retained)> = streams
+            .values()
+            .map(|s| (s.clone(), marker.clone()))
+            .collect();
+        if let Err(e) = publisher.publish_all(&entries).await {
+            publisher.close().await;
+            return Err(TapError::Config(format!(
+                "cannot mark the end of the classic-queue mirrors: {e}"
+            )));
+        }
+        info!(streams = ?streams, "ms2m tap: replaying classic queues from their mirrors");
+        Ok(Replay {
+            streams: streams.clone(),
+            publisher,
+        })
+    }
+}
+
+/// Waits until the app reached every mirror's end marker and settled what
+/// it got from the mirrors, then moves its consumers to the queues, stops
+/// holding deliveries, and deletes the mirror streams.
+pub(crate) fn spawn_replay_end(shared: Arc<crate::control::Shared>, replay: Replay) {
+    use crate::control::OrderKind;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if shared.exited.load(Ordering::SeqCst) {
+                replay.publisher.close().await;
+                return;
+            }
+            let ends = shared
+                .mirror_ends
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if !replay.streams.keys().all(|q| ends.contains(q)) {
+                continue;
+            }
+            let open = shared
+                .ledger()
+                .unsettled_of(&|q| replay.streams.contains_key(q));
+            if open > 0 {
+                continue;
+            }
+            if !shared
+                .order(OrderKind::Switch, std::time::Duration::from_secs(2))
+                .await
+            {
+                warn!("ms2m tap: not every consumer moved from its mirror to its queue in time");
+            }
+            let queues = shared.ledger().switch_mirrors();
+            shared.shadow_active.store(false, Ordering::SeqCst);
+            shared
+                .mode
+                .send_if_modified(|m| *m == crate::control::Mode::Open);
+            info!(
+                ?queues,
+                "ms2m tap: mirrors replayed; consuming the classic queues"
+            );
+            let names: Vec<String> = replay.streams.values().cloned().collect();
+            replay.publisher.delete(&names).await;
+            replay.publisher.close().await;
+            return;
+        }
+    });
 }
 
 #[cfg(test)]

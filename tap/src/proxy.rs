@@ -934,7 +934,29 @@ impl Pair<'_> {
                                 what: "content header",
                             })?;
                         let (offset, mid) = header_fields(&h.properties);
-                        if p.held {
+                        if p.held && crate::mirror::is_end_marker(&h.properties) {
+                            // The end of a mirror's replay (published by
+                            // this restore): never the app's.
+                            let tag = p.tag;
+                            let queue = held_deliveries
+                                .iter()
+                                .find(|d| d.channel == ch && d.delivery_tag == tag)
+                                .map(|d| d.queue.clone())
+                                .unwrap_or_default();
+                            let dropped = drop_held(
+                                &mut held,
+                                &mut held_deliveries,
+                                &|d: &Delivery| d.channel == ch && d.delivery_tag == tag,
+                                &mut mirror.dropping,
+                            );
+                            held_count.sub(dropped.len() as u64);
+                            if h.body_size == 0 {
+                                mirror.dropping.remove(&ch);
+                            }
+                            self.shared.mirror_end_seen(&queue);
+                            drop_this = true;
+                            hold_this = false;
+                        } else if p.held {
                             if let Some(d) = held_deliveries
                                 .iter_mut()
                                 .rev()

@@ -97,6 +97,9 @@ pub(super) async fn prepare(
                     CRIU_CONFIG_ANNOTATION
                 )));
             }
+            if !opts.exit {
+                crate::broker::arm_checkpoint_mirror(id, tap).await;
+            }
             let reachable = broker::probe_upstream(tc, Duration::from_millis(500)).await;
             if !reachable {
                 tracing::warn!(
@@ -174,6 +177,9 @@ pub(super) async fn after_dump(id: &str, b: &TapAtCheckpoint, dumped_ok: bool, e
     let t0 = Instant::now();
     let after = if dumped_ok && exit {
         tap.close_for_exit().await;
+        // Restores of this checkpoint need no mirror (nothing is settled
+        // after its cut); an earlier checkpoint's is of no use now.
+        tap.disarm_mirror();
         "closed for exit"
     } else if dumped_ok && b.hold {
         "holding deliveries (io.ms2m.tap.after-checkpoint=hold)"
