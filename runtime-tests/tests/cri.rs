@@ -514,3 +514,133 @@ fn sh(args: &[&str]) -> String {
     .ok();
     out.stdout
 }
+
+/// Packs a CRI checkpoint archive as an OCI image whose manifest carries
+/// the annotation containerd looks for (`org.criu.checkpoint.container.name`;
+/// one uncompressed layer: the archive), and imports it into the CRI
+/// namespace as `reference` (unpacked: CRI mounts its rootfs to read it).
+fn import_checkpoint_image(td: &TestDir, archive: &std::path::Path, name: &str, reference: &str) {
+    let layout = td.subdir("ck-image");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let tmp = layout.join("blob.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        let hex = sh(&["sha256sum", path_str(&tmp)])
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        std::fs::rename(&tmp, blobs.join(&hex)).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (layer, layer_size) = put(&std::fs::read(archive).unwrap());
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let config = serde_json::json!({"architecture": arch, "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer]}});
+    let (config, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}],
+        "annotations": {"org.criu.checkpoint.container.name": name}});
+    let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest, "size": manifest_size,
+            "platform": {"architecture": arch, "os": "linux"},
+            "annotations": {"io.containerd.image.name": reference}}]});
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let tar = td.join("ck-image.tar");
+    sh(&[
+        "tar",
+        "-cf",
+        path_str(&tar),
+        "-C",
+        path_str(&layout),
+        "oci-layout",
+        "index.json",
+        "blobs",
+    ]);
+    let env = cri_env();
+    sh(&[
+        path_str(&ms2m_runtime_tests::env().ctr),
+        "--address",
+        &env.address,
+        "--namespace",
+        &env.namespace,
+        "images",
+        "import",
+        "--platform",
+        &format!("linux/{arch}"),
+        path_str(&tar),
+    ]);
+}
+
+/// Removes an image from the CRI namespace on drop.
+struct CriImage(String);
+
+impl Drop for CriImage {
+    fn drop(&mut self) {
+        let env = cri_env();
+        let _ = ms2m_runtime_tests::run_cmd(
+            std::process::Command::new(&ms2m_runtime_tests::env().ctr)
+                .args(["--address", &env.address, "--namespace", &env.namespace])
+                .args(["images", "rm", &self.0]),
+            ms2m_runtime_tests::CMD_TIMEOUT,
+        );
+    }
+}
+
+/// The other form containerd restores from: a checkpoint *image* (the
+/// archive as an OCI image with containerd's checkpoint annotation, as an
+/// operator would push to a registry), named as the container's image.
+#[test]
+fn restore_from_a_checkpoint_image_through_cri() {
+    let td = TestDir::new("cri-ck-image");
+    let cri = Cri::new();
+    let b = Bystander::start(&cri, &td, "ck-image-src");
+    let archive = td.join("mc.tar");
+    b.checkpoint(&archive);
+    let at_checkpoint = counter(&cri, &b.id).expect("counter");
+    let reference = format!(
+        "localhost/ms2m-checkpoint/{}:1",
+        ms2m_runtime_tests::unique_id("mc")
+    );
+    import_checkpoint_image(&td, &archive, "mc", &reference);
+    let _image = CriImage(reference.clone());
+    wait_until(
+        &format!("CRI to know the image {reference}"),
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || cri.image_present(&reference).ok().filter(|p| *p),
+    );
+    drop(b);
+
+    let dst = Pod::run(&cri, "ck-image-dst", HANDLER, &td.path);
+    let mut restore = ContainerSpec::memcounter("mc", 1, 20);
+    restore.image = reference.clone();
+    let rid = dst
+        .try_create(&restore)
+        .unwrap_or_else(|e| panic!("CreateContainer from the checkpoint image {reference}: {e:?}"));
+    cri.start_container(&rid)
+        .unwrap_or_else(|e| panic!("StartContainer (restore from {reference}): {e:?}"));
+    assert_eq!(cri.container_state(&rid).unwrap(), CONTAINER_RUNNING);
+    assert_eq!(runtime_of(&rid), MS2M_RUNTIME);
+    let first = counter(&cri, &rid).expect("the restored counter");
+    assert!(
+        first <= at_checkpoint + 1,
+        "restored counter {first}: the checkpoint had at most {at_checkpoint}"
+    );
+    wait_counter_above(&cri, &rid, first, Duration::from_secs(5));
+}
