@@ -15,6 +15,9 @@
 #              the default set: BENCH_SUITES=migration hack/bench.sh). Its knobs:
 #              BENCH_RUNS, BENCH_MIGRATIONS=50 (ping-pong moves per client),
 #              BENCH_MIGRATION_FIGURES, see hack/bench-migration.sh
+#   cri        bench-cri.sh: CRI checkpoint/restore against the ms2m CLI, CRI under
+#              runc-v2, per-pod cost (issue 10; needs CRI on, hack/cri-setup.sh, and
+#              RabbitMQ; not in the default set: BENCH_SUITES=cri hack/bench.sh)
 #
 # Knobs (environment):
 #   BENCH_RUNS=5              runs per (figure, size, runtime)
@@ -104,4 +107,5 @@ case " $BENCH_SUITES " in *" shims "*) python3 "$HERE/bench.py" || rc=$? ;; esac
 case " $BENCH_SUITES " in *" lazy "*) python3 "$HERE/bench-lazy.py" || rc=$? ;; esac
 case " $BENCH_SUITES " in *" broker "*) "$HERE/bench-broker.sh" || rc=$? ;; esac
 case " $BENCH_SUITES " in *" migration "*) "$HERE/bench-migration.sh" || rc=$? ;; esac
+case " $BENCH_SUITES " in *" cri "*) "$HERE/bench-cri.sh" || rc=$? ;; esac
 exit "$rc"
