@@ -2,200 +2,22 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
 use crate::cut::{rfc3339_utc, Cut, QuiesceReport, CUT_SCHEMA};
-use crate::fence::{Fence, Resume, FENCE_SCHEMA};
+use crate::fence::{Fence, Resume};
 use crate::ledger::Ledger;
+use crate::migration::SourceLink;
+use crate::state::{unix_ms, Counters, Gate, Mode, OrderKind, Orders, Shared};
 use crate::{listener, proxy, TapConfig, TapError};
 
 /// Outcome of [`Tap::quiesce`] (also recorded in the cut).
 pub type Quiesce = QuiesceReport;
-
-/// What the connections should do with deliveries from the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Forward everything.
-    Open,
-    /// Hold new deliveries (and whatever follows them on their channel).
-    Hold,
-    /// Drop held deliveries and close both sides (checkpoint with exit).
-    Exit,
-    /// Tap shutting down: close everything.
-    Shutdown,
-}
-
-/// One-off orders to every connection, as generation counters: each
-/// connection carries out every increase once and records it in
-/// [`Shared::orders_done`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Orders {
-    /// Source fence (classic-queue mirror): cancel the app's consumers of
-    /// mirrored queues upstream and requeue the deliveries held for them.
-    pub handover: u64,
-    /// Source abort after a handover: consume those queues again.
-    pub reconsume: u64,
-    /// Target going live: move the app's consumers from the mirror streams
-    /// to their queues.
-    pub switch: u64,
-}
-
-/// Which order an [`Orders`] field is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OrderKind {
-    Handover,
-    Reconsume,
-    Switch,
-}
-
-impl Orders {
-    pub fn get(&self, k: OrderKind) -> u64 {
-        match k {
-            OrderKind::Handover => self.handover,
-            OrderKind::Reconsume => self.reconsume,
-            OrderKind::Switch => self.switch,
-        }
-    }
-    pub fn set(&mut self, k: OrderKind, v: u64) {
-        match k {
-            OrderKind::Handover => self.handover = v,
-            OrderKind::Reconsume => self.reconsume = v,
-            OrderKind::Switch => self.switch = v,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub connections_total: AtomicU64,
-    pub connections_active: AtomicUsize,
-    pub frames_from_client: AtomicU64,
-    pub frames_from_broker: AtomicU64,
-    pub held_deliveries: AtomicU64,
-    pub connection_errors: AtomicU64,
-    /// Broker→client batches being processed right now.
-    pub batches_active: AtomicUsize,
-    /// basic.publish forwarded upstream since the last cut (reset by
-    /// [`Tap::capture_cut`]).
-    pub publishes_since_cut: AtomicU64,
-    /// basic.publish suppressed (dropped) so far.
-    pub suppressed: AtomicU64,
-}
-
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: TapConfig,
-    pub ledger: Mutex<Ledger>,
-    pub counters: Counters,
-    pub mode: watch::Sender<Mode>,
-    pub next_conn: AtomicU64,
-    /// Publishes still to suppress.
-    pub suppress_remaining: AtomicU64,
-    /// Publishes to suppress in all ([`Resume::suppress_publishes`]).
-    pub suppress_total: u64,
-    /// `captured_at_unix_ms` of the last cut captured.
-    pub last_cut_ms: Mutex<Option<u64>>,
-    /// The shadow of a live migration: stream deliveries at or past the
-    /// gate are held (see [`crate::migration`]).
-    pub gate: crate::migration::Gate,
-    /// The container's init process exited (see [`Tap::container_exited`]).
-    pub exited: AtomicBool,
-    /// Fast-path flag: the gate is closed somewhere (false once live, and
-    /// always for an ordinary tap).
-    pub shadow_active: AtomicBool,
-    /// The classic-queue mirror of a live migration's source (see
-    /// [`crate::mirror`]).
-    pub mirror: crate::mirror::MirrorState,
-    /// Orders to the connections.
-    pub orders: watch::Sender<Orders>,
-    /// The orders each open connection has carried out.
-    pub orders_done: Mutex<std::collections::HashMap<u64, Orders>>,
-    /// A restore replaying classic queues from their mirrors: the queues
-    /// whose end marker the app's consumer reached.
-    pub mirror_ends: Mutex<std::collections::BTreeSet<String>>,
-}
-
-impl Shared {
-    /// The ledger; a poisoned lock (a panic elsewhere) still yields the data.
-    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Decide for a basic.publish from the app, in arrival order: true when
-    /// it is one of the first [`Resume::suppress_publishes`] and must be
-    /// dropped.
-    pub fn take_suppression(&self) -> bool {
-        let r = self
-            .suppress_remaining
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1));
-        match r {
-            Ok(before) => {
-                self.counters.suppressed.fetch_add(1, Ordering::Relaxed);
-                if before == 1 {
-                    info!(
-                        suppressed = self.suppress_total,
-                        "ms2m tap: suppressed {} publishes the source had made after the cut",
-                        self.suppress_total
-                    );
-                }
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn last_cut(&self) -> MutexGuard<'_, Option<u64>> {
-        self.last_cut_ms.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A mirror replay reached the end marker of `queue`'s mirror.
-    pub fn mirror_end_seen(&self, queue: &str) {
-        info!(queue, "ms2m tap: end of the classic queue's mirror reached");
-        self.mirror_ends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(queue.to_string());
-    }
-
-    /// Connection `conn` carried out order `kind` up to generation `gen`.
-    pub fn order_done(&self, conn: u64, kind: OrderKind, gen: u64) {
-        let mut d = self.orders_done.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(conn).or_default().set(kind, gen);
-    }
-
-    /// Issues order `kind` to every connection and waits (at most
-    /// `bound`) until each open one has carried it out. False on timeout.
-    pub async fn order(&self, kind: OrderKind, bound: Duration) -> bool {
-        let mut gen = 0;
-        self.orders.send_modify(|o| {
-            gen = o.get(kind) + 1;
-            o.set(kind, gen);
-        });
-        let t0 = Instant::now();
-        loop {
-            let done = {
-                let d = self.orders_done.lock().unwrap_or_else(|p| p.into_inner());
-                d.values().all(|o| o.get(kind) >= gen)
-            };
-            if done {
-                return true;
-            }
-            if t0.elapsed() >= bound {
-                warn!(
-                    ?kind,
-                    "ms2m tap: not every connection carried out the order in time"
-                );
-                return false;
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-    }
-}
 
 /// Counters of a tap.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -312,7 +134,7 @@ impl Tap {
             last_cut_ms: Mutex::new(None),
             shadow_active: AtomicBool::new(gate.is_some() || replay.is_some()),
             exited: AtomicBool::new(false),
-            gate: crate::migration::Gate::new(gate),
+            gate: Gate::new(gate),
             mirror: Default::default(),
             orders: watch::channel(Orders::default()).0,
             orders_done: Mutex::new(Default::default()),
@@ -325,7 +147,7 @@ impl Tap {
         }
         if let Some(replay) = replay {
             shared.ledger().replay_mirrors(&replay.streams);
-            crate::mirror::spawn_replay_end(shared.clone(), replay);
+            spawn_replay_end(shared.clone(), replay);
         }
         if let Some(shadow) = shadow {
             crate::migration::spawn_target(shared.clone(), shadow);
@@ -382,36 +204,7 @@ impl Tap {
     /// acked, nacked or rejected. Holding continues after this returns, until
     /// [`Tap::release`] or [`Tap::close_for_exit`].
     pub async fn quiesce(&self, timeout: Duration) -> Quiesce {
-        let t0 = Instant::now();
-        self.shared.mode.send_replace(Mode::Hold);
-        // Check "no batch in progress" *before* reading the ledger: a batch
-        // that started before the hold has then recorded its deliveries, and
-        // any later batch sees the hold.
-        let settled = || {
-            let idle = self.shared.counters.batches_active.load(Ordering::SeqCst) == 0;
-            let unsettled = self.shared.ledger().unsettled();
-            (idle && unsettled == 0, unsettled)
-        };
-        let (mut done, mut unsettled) = settled();
-        while !done && t0.elapsed() < timeout {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            (done, unsettled) = settled();
-        }
-        let q = QuiesceReport {
-            complete: done,
-            waited_ms: t0.elapsed().as_millis() as u64,
-            timeout_ms: timeout.as_millis() as u64,
-            unsettled,
-        };
-        if q.complete {
-            info!(waited_ms = q.waited_ms, "ms2m tap: quiesced");
-        } else {
-            warn!(
-                waited_ms = q.waited_ms,
-                unsettled, "ms2m tap: quiesce timed out; unsettled deliveries are in doubt"
-            );
-        }
-        q
+        self.shared.quiesce(timeout).await
     }
 
     /// Capture the broker cut from the ledger. Synchronous and cheap: meant
@@ -457,7 +250,7 @@ impl Tap {
     /// Whether new deliveries are held now (by a quiesce or a fence not yet
     /// released).
     pub fn holding(&self) -> bool {
-        *self.shared.mode.borrow() == Mode::Hold
+        self.shared.holding()
     }
 
     /// basic.publish commands forwarded upstream (all connections and
@@ -502,35 +295,7 @@ impl Tap {
     /// this instant. Synchronous and cheap. Without a quiesce before it,
     /// the count is of little use: the app may be publishing meanwhile.
     pub fn fence_now(&self, quiesce: &Quiesce) -> Fence {
-        let now = unix_ms();
-        let queues = self.shared.ledger().queue_cuts(!quiesce.complete);
-        let (cut_at, publishes) = {
-            let last = self.shared.last_cut();
-            let n = self
-                .shared
-                .counters
-                .publishes_since_cut
-                .load(Ordering::SeqCst);
-            (*last, if last.is_some() { n } else { 0 })
-        };
-        info!(
-            publishes_after_cut = publishes,
-            cut_taken_at_unix_ms = ?cut_at,
-            quiesce_complete = quiesce.complete,
-            "ms2m tap: fence"
-        );
-        if cut_at.is_none() {
-            warn!("ms2m tap: fence without a cut: there is nothing to count publishes from");
-        }
-        Fence {
-            schema: FENCE_SCHEMA.to_string(),
-            taken_at: rfc3339_utc(now),
-            taken_at_unix_ms: now,
-            publishes_after_cut: publishes,
-            cut_taken_at_unix_ms: cut_at,
-            quiesce: *quiesce,
-            queues,
-        }
+        self.shared.fence_now(quiesce)
     }
 
     /// The container's init process exited: a live migration's shadow
@@ -539,6 +304,17 @@ impl Tap {
     pub fn container_exited(&self) {
         self.shared.exited.store(true, Ordering::SeqCst);
         self.shared.mirror.container_exited();
+    }
+
+    /// Becomes the source of migration `ticket`: opens the tap's control
+    /// link (the upstream URL's credentials) and announces the acked
+    /// position every few ms while it moves, so the target's replay
+    /// follows. The returned link fences or aborts the migration.
+    pub async fn migration_source(
+        &self,
+        ticket: &crate::migration::Ticket,
+    ) -> Result<SourceLink, TapError> {
+        SourceLink::open(self.shared.clone(), ticket).await
     }
 
     /// Arms the classic-queue mirror for live migration `migration_id` (see
@@ -635,14 +411,7 @@ impl Tap {
     /// Leave-running: forward held deliveries in order and stop holding.
     /// Waits (at most 1 s) until the connections have written them.
     pub async fn release(&self) {
-        self.shared.mode.send_replace(Mode::Open);
-        let t0 = Instant::now();
-        while self.shared.counters.held_deliveries.load(Ordering::Relaxed) > 0
-            && t0.elapsed() < Duration::from_secs(1)
-        {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        info!("ms2m tap: released");
+        self.shared.release().await
     }
 
     /// Exit checkpoint: drop held deliveries and close every connection (to
@@ -714,8 +483,48 @@ impl Tap {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Waits until the app reached every mirror's end marker and settled what
+/// it got from the mirrors, then moves its consumers to the queues, stops
+/// holding deliveries, and deletes the mirror streams.
+fn spawn_replay_end(shared: Arc<Shared>, replay: crate::mirror::Replay) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if shared.exited.load(Ordering::SeqCst) {
+                replay.publisher.close().await;
+                return;
+            }
+            let ends = shared
+                .mirror_ends
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if !replay.streams.keys().all(|q| ends.contains(q)) {
+                continue;
+            }
+            let open = shared
+                .ledger()
+                .unsettled_of(&|q| replay.streams.contains_key(q));
+            if open > 0 {
+                continue;
+            }
+            if !shared
+                .order(OrderKind::Switch, std::time::Duration::from_secs(2))
+                .await
+            {
+                warn!("ms2m tap: not every consumer moved from its mirror to its queue in time");
+            }
+            let queues = shared.ledger().switch_mirrors();
+            shared.shadow_active.store(false, Ordering::SeqCst);
+            shared.mode.send_if_modified(|m| *m == Mode::Open);
+            info!(
+                ?queues,
+                "ms2m tap: mirrors replayed; consuming the classic queues"
+            );
+            let names: Vec<String> = replay.streams.values().cloned().collect();
+            replay.publisher.delete(&names).await;
+            replay.publisher.close().await;
+            return;
+        }
+    });
 }

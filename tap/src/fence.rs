@@ -115,7 +115,7 @@ pub struct Resume {
     /// The restore is the shadow of a live migration: replay behind the
     /// source, suppress every publish until the source's fence, then go
     /// live (see [`crate::migration`]). Overrides `suppress_publishes`.
-    pub shadow: Option<crate::migration::Shadow>,
+    pub shadow: Option<crate::ticket::Shadow>,
 }
 
 impl Resume {

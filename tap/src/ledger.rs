@@ -13,6 +13,9 @@ use tracing::info;
 
 use crate::cut::{InDoubt, OffsetSpec, QueueCut, QueueKind};
 
+/// Next stream offset per queue (the highest acked offset + 1).
+pub type Positions = BTreeMap<String, u64>;
+
 /// Argument / header carrying a stream offset.
 pub const X_STREAM_OFFSET: &str = "x-stream-offset";
 

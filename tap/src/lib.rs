@@ -113,6 +113,8 @@ mod listener;
 pub mod migration;
 pub mod mirror;
 mod proxy;
+mod state;
+pub mod ticket;
 
 use std::fmt;
 use std::time::Duration;
@@ -120,7 +122,8 @@ use std::time::Duration;
 pub use control::{Quiesce, Tap, TapStats};
 pub use cut::{Cut, InDoubt, OffsetSpec, QueueCut, QueueKind, QuiesceReport};
 pub use fence::{Fence, Resume, FENCE_SCHEMA};
-pub use migration::{Shadow, SourceLink, Ticket};
+pub use migration::SourceLink;
+pub use ticket::{Shadow, Ticket};
 
 /// Default absolute cap on frame size (1 MiB; RabbitMQ negotiates 128 KiB).
 pub const DEFAULT_MAX_FRAME: u32 = 1024 * 1024;

@@ -32,28 +32,23 @@
 //! nothing is skipped, as long as the app is deterministic (see
 //! [`crate::fence`]).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
-use crate::control::{Mode, OrderKind, Shared};
 use crate::fence::Fence;
 use crate::link::{self, LinkSender};
-use crate::{Tap, TapError};
+use crate::state::{wake, OrderKind, Shared};
+use crate::TapError;
 
-/// File `ms2m migrate` writes into the checkpoint it ships to the target: a
-/// restore of a directory holding it is the shadow of a live migration.
-pub const TICKET_FILE: &str = "ms2m-migration.json";
-/// Schema tag of [`Ticket`].
-pub const TICKET_SCHEMA: &str = "ms2m.migration/v1";
-
-/// Next stream offset per queue (the highest acked offset + 1).
-pub type Positions = BTreeMap<String, u64>;
+pub use crate::ledger::Positions;
+pub use crate::ticket::{
+    id_for, room_of, validate_migration_id, Shadow, Ticket, TICKET_FILE, TICKET_SCHEMA,
+};
 
 /// How often the source announces its progress while it moves.
 const SOURCE_TICK: Duration = Duration::from_millis(2);
@@ -77,99 +72,6 @@ fn source_positions(shared: &Shared) -> Positions {
     let mut p = shared.ledger().stream_positions();
     p.extend(shared.mirror.counts());
     p
-}
-
-/// What a live migration's checkpoint carries for the target (see
-/// [`TICKET_FILE`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ticket {
-    /// Always [`TICKET_SCHEMA`].
-    pub schema: String,
-    /// The migration, unique per attempt; names the broker room.
-    pub migration_id: String,
-    /// The source container's id (on the source host).
-    pub source_container: String,
-    /// [`Cut::captured_at_unix_ms`](crate::Cut::captured_at_unix_ms) of the
-    /// checkpoint's cut: the source counts its publishes from there.
-    pub cut_taken_at_unix_ms: u64,
-    /// Classic queues the target replays from the source's mirror streams
-    /// first (queue → stream; see [`crate::mirror`]). Empty when the app
-    /// consumes only streams.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub mirrors: BTreeMap<String, String>,
-}
-
-impl Ticket {
-    /// A ticket for migration `migration_id` of `source_container` from the
-    /// checkpoint whose cut was taken at `cut_taken_at_unix_ms`.
-    pub fn new(migration_id: &str, source_container: &str, cut_taken_at_unix_ms: u64) -> Ticket {
-        Ticket {
-            schema: TICKET_SCHEMA.to_string(),
-            migration_id: migration_id.to_string(),
-            source_container: source_container.to_string(),
-            cut_taken_at_unix_ms,
-            mirrors: BTreeMap::new(),
-        }
-    }
-
-    /// The broker room (routing key) of this migration's signals.
-    pub fn room(&self) -> String {
-        room_of(&self.migration_id)
-    }
-
-    /// Checks the schema and that the migration id is usable as a room name.
-    pub fn validate(&self) -> Result<(), TapError> {
-        if self.schema != TICKET_SCHEMA {
-            return Err(TapError::Config(format!(
-                "migration ticket schema {:?} is not {TICKET_SCHEMA:?}",
-                self.schema
-            )));
-        }
-        validate_migration_id(&self.migration_id)
-    }
-}
-
-/// The broker room (routing key) of migration `migration_id`.
-pub fn room_of(migration_id: &str) -> String {
-    format!("ms2m.migration.{migration_id}")
-}
-
-/// An id usable for a migration or a mirror: the container id with
-/// characters outside `[A-Za-z0-9._-]` replaced (at most 96), then `-ms`.
-pub fn id_for(container_id: &str, unix_ms: u128) -> String {
-    let mut base: String = container_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(96)
-        .collect();
-    if base.starts_with('.') || base.is_empty() {
-        base.insert(0, 'c');
-    }
-    format!("{base}-{unix_ms}")
-}
-
-/// A migration id is 1-128 characters of `[A-Za-z0-9._-]` (it becomes a
-/// routing key and a directory name on the target).
-pub fn validate_migration_id(id: &str) -> Result<(), TapError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !id.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(TapError::Config(format!(
-            "migration id {id:?}: use 1-128 characters of A-Z a-z 0-9 . _ - (not starting with .)"
-        )))
-    }
 }
 
 /// Who sent a [`Signal`].
@@ -282,13 +184,6 @@ pub async fn send(
     tx.send(&env.to_bytes()).await
 }
 
-/// Restore option: this tap is the shadow (target) of a live migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Shadow {
-    /// The ticket shipped with the checkpoint.
-    pub ticket: Ticket,
-}
-
 /// µs since the Unix epoch.
 pub fn unix_us() -> u64 {
     SystemTime::now()
@@ -301,6 +196,7 @@ pub fn unix_us() -> u64 {
 /// announcements.
 #[derive(Debug)]
 pub struct SourceLink {
+    shared: Arc<Shared>,
     ticket: Ticket,
     tx: LinkSender,
     progress: JoinHandle<()>,
@@ -315,18 +211,18 @@ impl Drop for SourceLink {
     }
 }
 
-impl Tap {
-    /// Becomes the source of migration `ticket`: opens the tap's control
-    /// link (the upstream URL's credentials) and announces the acked
-    /// position every few ms while it moves, so the target's replay follows.
-    pub async fn migration_source(&self, ticket: &Ticket) -> Result<SourceLink, TapError> {
+impl SourceLink {
+    /// Opens the tap's control link (the upstream URL's credentials) and
+    /// announces the acked position every few ms while it moves, so the
+    /// target's replay follows (see [`crate::Tap::migration_source`]).
+    pub(crate) async fn open(shared: Arc<Shared>, ticket: &Ticket) -> Result<SourceLink, TapError> {
         ticket.validate()?;
         let cfg =
-            self.shared.config.control.clone().ok_or_else(|| {
+            shared.config.control.clone().ok_or_else(|| {
                 TapError::Config("the tap has no control link configuration".into())
             })?;
         let (tx, mut rx) = link::open(&cfg, &ticket.room()).await?;
-        let shared = self.shared.clone();
+        let me = shared.clone();
         let id = ticket.migration_id.clone();
         let ptx = tx.clone();
         let progress = tokio::spawn(
@@ -371,6 +267,7 @@ impl Tap {
         );
         info!(migration = %ticket.migration_id, "ms2m tap: migration source link open");
         Ok(SourceLink {
+            shared: me,
             ticket: ticket.clone(),
             tx,
             progress,
@@ -385,14 +282,16 @@ impl SourceLink {
         &self.ticket
     }
 
-    /// Cutover on the source: [`Tap::fence`] (hold, wait at most `timeout`
+    /// Cutover on the source: [`crate::Tap::fence`] (hold, wait at most `timeout`
     /// for the app's acks, count publishes since the cut), then the
     /// [`Signal::Fence`] into the room. Deliveries stay held. Fails, with
     /// the hold released, when the quiesce did not complete (the source
     /// goes on) or the fence cannot be sent.
-    pub async fn fence(&self, tap: &Tap, timeout: Duration) -> Result<Fence, TapError> {
+    pub async fn fence(&self, timeout: Duration) -> Result<Fence, TapError> {
+        let tap = &*self.shared;
         self.progress.abort();
-        let fence = tap.fence(timeout).await;
+        let q = tap.quiesce(timeout).await;
+        let fence = tap.fence_now(&q);
         if !fence.quiesce.complete {
             tap.release().await;
             return Err(TapError::Config(format!(
@@ -409,7 +308,7 @@ impl SourceLink {
                 fence.cut_taken_at_unix_ms, self.ticket.cut_taken_at_unix_ms
             )));
         }
-        let mirror = tap.shared.mirror.status();
+        let mirror = tap.mirror.status();
         if mirror.migration_id.is_some() {
             let refuse = if let Some(why) = mirror.broken {
                 Some(format!("the classic-queue mirror is incomplete ({why})"))
@@ -427,8 +326,8 @@ impl SourceLink {
                 )));
             }
             self.handed_over.store(true, Ordering::SeqCst);
-            tap.shared.mirror.handed_over();
-            if !tap.shared.order(OrderKind::Handover, ORDER_BOUND).await {
+            tap.mirror.handed_over();
+            if !tap.order(OrderKind::Handover, ORDER_BOUND).await {
                 self.take_back(tap).await;
                 tap.release().await;
                 return Err(TapError::Config(
@@ -439,7 +338,7 @@ impl SourceLink {
             }
         }
         let sig = Signal::Fence {
-            next: source_positions(&tap.shared),
+            next: source_positions(tap),
             publishes: fence.publishes_after_cut,
             at_unix_us: unix_us(),
         };
@@ -458,7 +357,8 @@ impl SourceLink {
 
     /// Abandons the migration: tells the room (best effort) and releases a
     /// hold the fence took, so the source goes on.
-    pub async fn abort(self, tap: &Tap, reason: &str) {
+    pub async fn abort(self, reason: &str) {
+        let tap = &*self.shared;
         let sig = Signal::Abort {
             reason: reason.to_string(),
         };
@@ -468,66 +368,16 @@ impl SourceLink {
             tap.release().await;
         }
         // The target is gone: its mirror streams too.
-        tap.shared.mirror.disarm(true);
+        tap.mirror.disarm(true);
         info!(migration = %self.ticket.migration_id, reason, "ms2m tap: migration aborted");
     }
 
     /// After a handover: the app's classic consumers consume again.
-    async fn take_back(&self, tap: &Tap) {
+    async fn take_back(&self, tap: &Shared) {
         if self.handed_over.swap(false, Ordering::SeqCst) {
-            tap.shared.order(OrderKind::Reconsume, ORDER_BOUND).await;
+            tap.order(OrderKind::Reconsume, ORDER_BOUND).await;
         }
     }
-}
-
-/// The target's gate: per stream queue, deliveries at or past this offset
-/// are held. `None` once live.
-#[derive(Debug, Default)]
-pub(crate) struct Gate {
-    limits: Mutex<Option<Positions>>,
-}
-
-impl Gate {
-    /// A gate at `limits` (the cut), or an open one.
-    pub fn new(limits: Option<Positions>) -> Gate {
-        Gate {
-            limits: Mutex::new(limits),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Positions>> {
-        self.limits.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The limits now (`None`: open).
-    pub fn limits(&self) -> Option<Positions> {
-        self.lock().clone()
-    }
-
-    /// Raise limits (never lowers one). False when the gate is open.
-    fn raise(&self, next: &Positions) -> bool {
-        let mut g = self.lock();
-        let Some(l) = g.as_mut() else { return false };
-        let mut moved = false;
-        for (q, &n) in next {
-            let e = l.entry(q.clone()).or_insert(0);
-            if n > *e {
-                *e = n;
-                moved = true;
-            }
-        }
-        moved
-    }
-
-    fn open(&self) {
-        *self.lock() = None;
-    }
-}
-
-/// Wakes the connections so they re-check the gate (only while no quiesce
-/// or exit is in progress: those have their own wake-ups).
-fn wake(shared: &Shared) {
-    shared.mode.send_if_modified(|m| *m == Mode::Open);
 }
 
 /// Runs the target side: follows the source's progress, and at the fence
@@ -727,33 +577,5 @@ mod tests {
         assert_eq!(Envelope::from_bytes(&b), Some(env));
         assert_eq!(Envelope::from_bytes(b"{\"kind\":\"nope\"}"), None);
         assert_eq!(Envelope::from_bytes(b"not json"), None);
-    }
-
-    #[test]
-    fn migration_ids_and_tickets() {
-        assert!(validate_migration_id("c1-1733500000000").is_ok());
-        for bad in ["", ".hidden", "a/b", "a b", "x#", &"x".repeat(129)] {
-            assert!(validate_migration_id(bad).is_err(), "{bad:?}");
-        }
-        let t = Ticket::new("m1", "c1", 5);
-        assert!(t.validate().is_ok());
-        assert_eq!(t.room(), "ms2m.migration.m1");
-        let mut bad = t.clone();
-        bad.schema = "other".into();
-        assert!(bad.validate().is_err());
-    }
-
-    #[test]
-    fn gate_only_rises_and_opens() {
-        let g = Gate::new(Some([("q".to_string(), 10)].into()));
-        assert!(!g.raise(&[("q".to_string(), 5)].into()));
-        assert!(g.raise(&[("q".to_string(), 12), ("r".to_string(), 1)].into()));
-        assert_eq!(
-            g.limits(),
-            Some([("q".to_string(), 12), ("r".to_string(), 1)].into())
-        );
-        g.open();
-        assert_eq!(g.limits(), None);
-        assert!(!g.raise(&[("q".to_string(), 20)].into()));
     }
 }

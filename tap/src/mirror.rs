@@ -465,7 +465,8 @@ impl Publisher {
 pub(crate) struct Replay {
     /// Classic queue → mirror stream.
     pub streams: BTreeMap<String, String>,
-    publisher: Publisher,
+    /// The connection that marked the ends; it deletes the streams after.
+    pub publisher: Publisher,
 }
 
 impl Replay {
@@ -521,55 +522,6 @@ impl Replay {
             publisher,
         })
     }
-}
-
-/// Waits until the app reached every mirror's end marker and settled what
-/// it got from the mirrors, then moves its consumers to the queues, stops
-/// holding deliveries, and deletes the mirror streams.
-pub(crate) fn spawn_replay_end(shared: Arc<crate::control::Shared>, replay: Replay) {
-    use crate::control::OrderKind;
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            if shared.exited.load(Ordering::SeqCst) {
-                replay.publisher.close().await;
-                return;
-            }
-            let ends = shared
-                .mirror_ends
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if !replay.streams.keys().all(|q| ends.contains(q)) {
-                continue;
-            }
-            let open = shared
-                .ledger()
-                .unsettled_of(&|q| replay.streams.contains_key(q));
-            if open > 0 {
-                continue;
-            }
-            if !shared
-                .order(OrderKind::Switch, std::time::Duration::from_secs(2))
-                .await
-            {
-                warn!("ms2m tap: not every consumer moved from its mirror to its queue in time");
-            }
-            let queues = shared.ledger().switch_mirrors();
-            shared.shadow_active.store(false, Ordering::SeqCst);
-            shared
-                .mode
-                .send_if_modified(|m| *m == crate::control::Mode::Open);
-            info!(
-                ?queues,
-                "ms2m tap: mirrors replayed; consuming the classic queues"
-            );
-            let names: Vec<String> = replay.streams.values().cloned().collect();
-            replay.publisher.delete(&names).await;
-            replay.publisher.close().await;
-            return;
-        }
-    });
 }
 
 #[cfg(test)]

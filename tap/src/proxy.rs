@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::codec::{self, CodecError, FrameReader, FRAME_BODY, FRAME_HEADER, FRAME_METHOD};
-use crate::control::{Mode, OrderKind, Orders, Shared};
 use crate::fence::{self, ContentDrop, ContentGate, DropStep};
 use crate::ledger::{header_fields, Consumer, Delivery};
 use crate::mirror::{Retained, ToMirror};
+use crate::state::{Mode, OrderKind, Orders, Shared};
 
 /// A frame the tap itself sends the client (channel, encoded frame).
 type Injected = (u16, Vec<u8>);
@@ -1092,7 +1092,7 @@ impl Pair<'_> {
     }
 
     /// Carries out the orders that moved from `seen` to `now` (see
-    /// [`crate::control::Orders`]), sending the frames they need to the
+    /// [`crate::state::Orders`]), sending the frames they need to the
     /// broker through the client direction.
     #[allow(clippy::too_many_arguments)]
     fn carry_out(

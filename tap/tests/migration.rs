@@ -160,10 +160,7 @@ async fn shadow_replays_behind_the_source_and_goes_live_at_the_fence() {
     assert!(tgt.tap.suppressed_publishes() > 0);
 
     // Cutover.
-    let fence = link
-        .fence(&src.tap, Duration::from_secs(2))
-        .await
-        .expect("fence");
+    let fence = link.fence(Duration::from_secs(2)).await.expect("fence");
     let fenced_at = src_done.load(Ordering::SeqCst);
     src_stop.store(true, Ordering::SeqCst);
     let t0 = Instant::now();

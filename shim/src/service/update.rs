@@ -118,7 +118,7 @@ impl Inner {
                             .quiesce_timeout
                             .max(std::time::Duration::from_secs(10)),
                     );
-                    let r = link.fence(&tap, timeout).await;
+                    let r = link.fence(timeout).await;
                     // Kept either way: an abort after a failed or a
                     // successful fence releases through it.
                     self.state.lock().await.get_mut(id)?.migration = Some(link);
@@ -141,7 +141,7 @@ impl Inner {
                         return Ok(());
                     }
                     let link = self.take_migration(id, &migration_id).await?;
-                    link.abort(&tap, &reason).await;
+                    link.abort(&reason).await;
                     Ok(())
                 }
             }
