@@ -111,7 +111,8 @@ ensure_cri_plugin() {
     if cri_serving; then log "containerd serves CRI at $MS2M_CONTAINERD_ADDRESS"; return; fi
     local pidfile="$MS2M_CONTAINERD_STATE/containerd.pid" pid
     pid="$(cat "$pidfile" 2>/dev/null || true)"
-    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = containerd ]; then
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = containerd ] \
+        && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "--config $MS2M_CONTAINERD_CONFIG"; then
         log "containerd (pid $pid) runs without CRI: restarting it with CRI on (containers keep running)"
         kill "$pid"
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
