@@ -15,6 +15,10 @@
 #                        "io.containerd.runc.v2" for the baseline)
 #   MS2M_SKIP_SETUP=1    do not run hack/setup.sh (it is idempotent, but this
 #                        saves its checks when iterating)
+#   MS2M_FUZZ_ITERATIONS inputs per fuzz target in the fuzz step (default
+#                        5000; 0 skips the step). The unit step runs them
+#                        too, for bolero's default of 1 s each. The longer
+#                        run: docs/operations.md, "Faults and bad input".
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -106,6 +110,20 @@ out="$MS2M_TEST_LOG_DIR/ms2m-unit-runtime-tests.log"
 step "unit tests (runtime-tests helpers)" \
     logged "$out" cargo test --locked -p ms2m-runtime-tests --lib \
     || list_failures "$out"
+
+# Fuzz targets (bolero, random inputs with shrinking, as plain cargo
+# tests): the tap's frame reader and ledger, the cut, fence and ticket JSON,
+# the manifest parser. A failure prints the shrunk input and its
+# BOLERO_RANDOM_SEED.
+: "${MS2M_FUZZ_ITERATIONS:=5000}"
+if [ "$MS2M_FUZZ_ITERATIONS" != 0 ]; then
+    out="$MS2M_TEST_LOG_DIR/ms2m-fuzz.log"
+    step "fuzz targets ($MS2M_FUZZ_ITERATIONS inputs each; log $out)" \
+        logged "$out" env BOLERO_RANDOM_ITERATIONS="$MS2M_FUZZ_ITERATIONS" \
+        sh -c 'cargo test --locked -p ms2m-tap --test fuzz_frames --test fuzz_cut &&
+               cargo test --locked -p ms2m-criu-bridge --test fuzz_manifest' \
+        || list_failures "$out"
+fi
 
 for runtime in $MS2M_TEST_RUNTIMES; do
     out="$MS2M_TEST_LOG_DIR/ms2m-integration-${runtime//[^A-Za-z0-9.-]/_}.log"

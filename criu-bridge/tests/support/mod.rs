@@ -1,0 +1,2 @@
+//! Helpers shared by the fuzz targets.
+pub mod json_fuzz;
