@@ -48,6 +48,10 @@ STRICT = os.environ.get("BENCH_STRICT", "") == "1"
 RUNTIME_TYPES = {
     "ms2m": ("io.containerd.ms2m.v1", "containerd-shim-ms2m-v1"),
     "runc-v2": ("io.containerd.runc.v2", "containerd-shim-runc-v2"),
+    # An earlier ms2m build, to compare before/after a change in one run:
+    # install it as containerd-shim-ms2mbefore-v1 on PATH and add
+    # "ms2m-before" to BENCH_RUNTIMES.
+    "ms2m-before": ("io.containerd.ms2mbefore.v1", "containerd-shim-ms2mbefore-v1"),
 }
 WORKLOAD = "/usr/local/bin/memcounter"
 CKPT_REF_PREFIX = "ms2m-bench/" + TOKEN + "/"
@@ -675,6 +679,11 @@ def report(stamp, meta):
                                    % (name, r, "OK" if ok else "MISS"))
             else:
                 ratio_lines.append("ratio %s: ms2m/runc-v2 = %.2f (info)" % (name, r))
+    if "ms2m" in RUNTIMES and "ms2m-before" in RUNTIMES:
+        for name in figure_order():
+            a, b = summary(name, "ms2m"), summary(name, "ms2m-before")
+            if a["median"] is not None and b["median"]:
+                ratio_lines.append("ratio %s: ms2m/ms2m-before = %.2f (info)" % (name, a["median"] / b["median"]))
     if "ms2m" in RUNTIMES and ("shim_rss_mib", "ms2m") in R.values:
         s = summary("shim_rss_mib", "ms2m")
         if s["median"] is None:

@@ -22,7 +22,9 @@
 # Knobs (environment):
 #   BENCH_RUNS=5              runs per (figure, size, runtime)
 #   BENCH_SIZES="16 256"      memcounter --mib sizes
-#   BENCH_RUNTIMES="ms2m runc-v2"   runtimes to compare (runc-v2 alone = baseline only)
+#   BENCH_RUNTIMES="ms2m runc-v2"   runtimes to compare (runc-v2 alone = baseline only;
+#                             "ms2m-before" = an earlier ms2m build installed as
+#                             containerd-shim-ms2mbefore-v1, for before/after ratios)
 #   BENCH_FIGURES="leave ctr cli rss"  which measurements to take:
 #                             leave = leave-running checkpoint (frozen_ms, checkpoint_wall_s, CRIU stats),
 #                             ctr   = stop-and-copy with ctr (stop_and_copy_ctr_s),
