@@ -494,10 +494,10 @@ impl Ledger {
             return;
         };
         let settled: Vec<Delivery> = if multiple {
-            let keep = if tag == 0 {
-                BTreeMap::new()
-            } else {
-                chl.unacked.split_off(&(tag + 1))
+            // tag 0 (and the largest tag) settles everything.
+            let keep = match tag.checked_add(1) {
+                Some(next) if tag != 0 => chl.unacked.split_off(&next),
+                _ => BTreeMap::new(),
             };
             std::mem::replace(&mut chl.unacked, keep)
                 .into_values()
@@ -527,7 +527,10 @@ impl Ledger {
         if let Some(o) = d.stream_offset {
             ql.stream = true;
             if acked {
-                ql.next_offset = Some(ql.next_offset.map_or(o + 1, |n| n.max(o + 1)));
+                // A forged header at u64::MAX must not wrap to 0 (a restore
+                // would replay the stream from its start).
+                let next = o.saturating_add(1);
+                ql.next_offset = Some(ql.next_offset.map_or(next, |n| n.max(next)));
             }
         }
     }

@@ -1329,16 +1329,13 @@ impl Capture {
         }
     }
 
-    /// The content header: `Ok(Some(None))` when this is not a classic
-    /// delivery after all (it has a stream offset) and nothing is kept,
-    /// `Ok(Some(Some(r)))` when the content is complete (empty body),
-    /// `Ok(None)` when body frames are due.
+    /// The content header: `Ok(Some(Some(r)))` when the content is complete
+    /// (empty body), `Ok(None)` when body frames are due. The delivery's
+    /// queue is mirrored, so it is classic: an `x-stream-offset` header a
+    /// publisher set on it does not make it a stream delivery.
     #[allow(clippy::type_complexity, clippy::option_option)]
     fn header(&mut self, payload: &[u8]) -> Result<Option<Option<Retained>>, ()> {
         let (_, h) = parse_content_header(payload).map_err(|_| ())?;
-        if header_fields(&h.properties).0.is_some() {
-            return Ok(Some(None));
-        }
         self.size = h.body_size as usize;
         self.properties = Some(h.properties);
         if self.size == 0 {

@@ -526,26 +526,24 @@ fn ack(tag: u64, multiple: bool) -> AMQPClass {
     }))
 }
 
-/// Found by these targets (tap/src/ledger.rs, reported, not fixed here):
-/// an app's `basic.ack(delivery_tag = u64::MAX, multiple)` overflows
-/// `tag + 1` in `Ledger::settle` (a panic in debug builds; in release it
-/// wraps and settles nothing). The ledger fuzz keeps tags small until fixed.
+/// Found by these targets (fixed in tap/src/ledger.rs): an app's
+/// `basic.ack(delivery_tag = u64::MAX, multiple)` overflowed `tag + 1` in
+/// `Ledger::settle` (a panic in debug builds; in release it wrapped and
+/// settled nothing).
 #[test]
-#[ignore = "tap/src/ledger.rs overflow, reported (issue 9)"]
 fn ack_multiple_of_the_largest_tag_settles_everything() {
     let mut l = one_delivery(Some(7));
     l.client_method(0, 1, &ack(u64::MAX, true));
     assert_eq!(l.unsettled(), 0);
 }
 
-/// Found by these targets (tap/src/ledger.rs, reported): a delivery whose
-/// `x-stream-offset` header is u64::MAX overflows `o + 1` in
+/// Found by these targets (fixed in tap/src/ledger.rs): a delivery whose
+/// `x-stream-offset` header is u64::MAX overflowed `o + 1` in
 /// `Ledger::progress` when acked (debug: panic; release: the cut's
-/// `next_offset` wraps to 0, a restore would replay the stream from its
+/// `next_offset` wrapped to 0, a restore would replay the stream from its
 /// start). The header is read from any delivery's properties, so on a
 /// classic queue a publisher sets it.
 #[test]
-#[ignore = "tap/src/ledger.rs overflow, reported (issue 9)"]
 fn ack_of_the_largest_stream_offset_does_not_wrap() {
     let mut l = one_delivery(Some(u64::MAX));
     l.client_method(0, 1, &ack(1, false));
