@@ -95,7 +95,8 @@ start_registry() {
     mkdir -p "$(dirname "$MS2M_CRI_REGISTRY_PIDFILE")" "$(dirname "$MS2M_CRI_REGISTRY_LOG")"
     log "starting the CRI test registry on $MS2M_CRI_REGISTRY (log: $MS2M_CRI_REGISTRY_LOG)"
     nohup python3 "$MS2M_ROOT/hack/cri-registry.py" --listen "$MS2M_CRI_REGISTRY" \
-        --root "$MS2M_CRI_REGISTRY_DIR" >>"$MS2M_CRI_REGISTRY_LOG" 2>&1 &
+        --root "$MS2M_CRI_REGISTRY_DIR" >>"$MS2M_CRI_REGISTRY_LOG" 2>&1 </dev/null \
+        3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! > "$MS2M_CRI_REGISTRY_PIDFILE"
     for _ in $(seq 1 50); do registry_answers && return; sleep 0.1; done
     tail -5 "$MS2M_CRI_REGISTRY_LOG" >&2 || true

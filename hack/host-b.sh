@@ -134,7 +134,7 @@ start_containerd_b() {
     log "starting containerd B in $NS (log: $MS2M_HOSTB_LOG)"
     # nsenter execs containerd (no --pid, so no fork): $! is containerd's pid.
     nohup nsenter --mount="$MS2M_HOSTB_MNTNS" --net="/run/netns/$NS" -- \
-        containerd --config "$MS2M_HOSTB_CONFIG" >>"$MS2M_HOSTB_LOG" 2>&1 </dev/null &
+        containerd --config "$MS2M_HOSTB_CONFIG" >>"$MS2M_HOSTB_LOG" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! > "$CONTAINERD_PIDFILE"
     for _ in $(seq 1 100); do
         if b_answers; then log "containerd B ready at $MS2M_HOSTB_ADDRESS (pid $(cat "$CONTAINERD_PIDFILE"))"; return; fi
@@ -197,7 +197,7 @@ start_agent() {
         --listen "$MS2M_HOSTB_AGENT" --dir "$MS2M_HOSTB_AGENT_DIR" \
         --tap-upstream "$MS2M_HOSTB_TAP_UPSTREAM" --runc-root "$MS2M_HOSTB_RUNC_ROOT" \
         --cgroup-parent "$MS2M_HOSTB_CGROUP_PARENT" --token-file "$MS2M_AGENT_TOKEN_FILE" \
-        >>"$MS2M_HOSTB_AGENT_LOG" 2>&1 </dev/null &
+        >>"$MS2M_HOSTB_AGENT_LOG" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! > "$MS2M_HOSTB_AGENT_PIDFILE"
     for _ in $(seq 1 100); do
         if agent_listens; then log "agent B ready on $MS2M_HOSTB_AGENT"; return; fi
@@ -234,7 +234,7 @@ start_agent_a() {
         --listen "$MS2M_HOSTA_AGENT" --dir "$MS2M_HOSTA_AGENT_DIR" \
         --tap-upstream "$MS2M_HOSTA_TAP_UPSTREAM" --cgroup-parent /ms2m \
         --token-file "$MS2M_AGENT_TOKEN_FILE" \
-        >>"$MS2M_HOSTA_AGENT_LOG" 2>&1 </dev/null &
+        >>"$MS2M_HOSTA_AGENT_LOG" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! > "$MS2M_HOSTA_AGENT_PIDFILE"
     for _ in $(seq 1 100); do
         if agent_a_listens; then log "agent A ready on $MS2M_HOSTA_AGENT"; return; fi

@@ -22,7 +22,10 @@ write_containerd_config "$MS2M_CONTAINERD_CONFIG" "$MS2M_CONTAINERD_ROOT" "$MS2M
     "$MS2M_CONTAINERD_ADDRESS" "" cri
 
 log "starting containerd (log: $MS2M_CONTAINERD_LOG)"
-nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>"$MS2M_CONTAINERD_LOG" 2>&1 &
+# Descriptors 3-9 closed: a daemon must not keep a caller's lock (a test run
+# under `flock` that restarts containerd) or pipe open for its whole life.
+nohup containerd --config "$MS2M_CONTAINERD_CONFIG" >>"$MS2M_CONTAINERD_LOG" 2>&1 </dev/null \
+    3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
 echo $! > "$MS2M_CONTAINERD_STATE/containerd.pid"
 for _ in $(seq 1 100); do
     if ctr --address "$MS2M_CONTAINERD_ADDRESS" version >/dev/null 2>&1; then

@@ -76,7 +76,7 @@ echo '[].' > /etc/ms2m/rabbitmq-enabled-plugins
 chmod 644 /etc/ms2m/rabbitmq.conf /etc/ms2m/rabbitmq-enabled-plugins
 
 log "starting RabbitMQ node $RABBITMQ_NODENAME (log: $RABBITMQ_LOG_BASE)"
-rabbitmq-server -detached
+rabbitmq-server -detached </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-
 for _ in $(seq 1 120); do
     if rabbitmqctl -q -n "$RABBITMQ_NODENAME" await_startup >/dev/null 2>&1; then
         log "RabbitMQ ready on port $MS2M_RABBITMQ_PORT (all addresses)"
