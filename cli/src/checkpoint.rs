@@ -138,6 +138,15 @@ pub fn checkpoint_options(
     }
 }
 
+/// A directory builder for checkpoint directories: mode 0700 (before the
+/// umask), `recursive` creating missing parents 0700 too.
+fn private_dir(recursive: bool) -> std::fs::DirBuilder {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(recursive).mode(0o700);
+    b
+}
+
 fn ms_since(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 1e6).round() / 1000.0
 }
@@ -242,18 +251,23 @@ pub async fn run(cd: &Containerd, args: &CheckpointArgs) -> Result<CheckpointRep
         Some(p) => absolute(p)?,
         None => default_work_path(&image_path),
     };
+    // 0700, parents too: the images hold the container's memory.
     if defaulted {
         if let Some(parent) = image_path.parent() {
-            std::fs::create_dir_all(parent)
+            private_dir(true)
+                .create(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        std::fs::create_dir(&image_path)
+        private_dir(false)
+            .create(&image_path)
             .with_context(|| format!("cannot create image directory {}", image_path.display()))?;
     } else {
-        std::fs::create_dir_all(&image_path)
+        private_dir(true)
+            .create(&image_path)
             .with_context(|| format!("cannot create image directory {}", image_path.display()))?;
     }
-    std::fs::create_dir_all(&work_path)
+    private_dir(true)
+        .create(&work_path)
         .with_context(|| format!("cannot create work directory {}", work_path.display()))?;
 
     let opts = checkpoint_options(args, &image_path, &work_path);

@@ -813,6 +813,34 @@ pub fn restart_broker_app(while_down: impl FnOnce()) {
     );
 }
 
+/// A consumer of `q` called `name` in a container of its own network
+/// namespace, behind the tap: upstream `upstream` (as the shim reaches the
+/// broker), the app's URL `app_url` (the tap on its own loopback), extra
+/// `ctr run` flags in `extra`; its output in `<td>/<name>.log`. Returns
+/// once it consumes.
+pub fn start_tapped_consumer(
+    client: Client,
+    q: &TestQueues,
+    td: &crate::TestDir,
+    name: &str,
+    upstream: &str,
+    app_url: &str,
+    extra: &[String],
+) -> crate::Container {
+    let log = td.join(&format!("{name}.log"));
+    let net = [
+        format!("--annotation=io.ms2m.tap.upstream={upstream}"),
+        format!("--env=AMQP_URL={app_url}"),
+    ];
+    let mut opts = consumer_run_opts(client, q, name, &log, &net);
+    for f in extra {
+        opts = opts.flag(f);
+    }
+    let c = crate::Container::run(&format!("t-{name}"), opts);
+    wait_consumer_connects(&c, 1, Duration::from_secs(30));
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

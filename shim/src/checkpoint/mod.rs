@@ -29,7 +29,7 @@ mod manifest;
 mod plan;
 mod tap;
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,6 +89,10 @@ pub async fn checkpoint(
             "checkpoint of container {id}: no image path given"
         )));
     }
+    check_path(id, "image path", image_path)?;
+    if !opts.work_path.is_empty() {
+        check_path(id, "work path", Path::new(&opts.work_path))?;
+    }
     tap::remove_void_fences(target, image_path, &what)?;
     let has_tcp = netns_has_tcp(target.init_pid as u32);
     let mut plan = plan::plan(target, opts, *has_tcp.as_ref().unwrap_or(&true)).await?;
@@ -105,7 +109,7 @@ pub async fn checkpoint(
         "checkpoint planned: {}",
         plan.reason
     );
-    std::fs::create_dir_all(image_path)
+    create_private_dir(image_path)
         .map_err(|e| Error::internal(format!("{what} failed: cannot create image directory"), e))?;
     let work = WorkDir::create(target, opts, &what)?;
 
@@ -208,7 +212,7 @@ impl WorkDir {
         if temp_work {
             let _ = std::fs::remove_dir_all(&work_path);
         }
-        std::fs::create_dir_all(&work_path).map_err(|e| {
+        create_private_dir(&work_path).map_err(|e| {
             Error::internal(
                 format!(
                     "{what} failed: cannot create work directory {}",
@@ -225,6 +229,29 @@ impl WorkDir {
 }
 
 /// "checkpoint of container ID into DIR", for messages.
+/// An image or work path must be absolute and plain: a relative one would
+/// be taken from the shim's working directory (the bundle, inside
+/// containerd's state), and `..` hides where the images go.
+fn check_path(id: &str, what: &str, p: &Path) -> Result<()> {
+    if p.is_absolute() && !p.components().any(|c| c == Component::ParentDir) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "checkpoint of container {id}: the {what} {:?} must be an absolute path without `..`",
+        p.display().to_string()
+    )))
+}
+
+/// Creates `p` and its missing parents, 0700: the images hold the
+/// container's memory. An existing directory keeps its mode.
+fn create_private_dir(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+}
+
 fn describe(id: &str, image_path: &Path) -> String {
     format!("checkpoint of container {id} into {}", image_path.display())
 }

@@ -45,6 +45,12 @@ pub(super) fn remove_void_fences(target: &Target, image_path: &Path, what: &str)
         .cloned()
         .chain([image_path.join(criu_bridge::manifest::FENCE_FILE)]);
     for f in fences {
+        // Not there: nothing to remove (on a read-only file system unlink
+        // fails with EROFS even then, and the error would blame the fence).
+        if matches!(std::fs::symlink_metadata(&f), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        {
+            continue;
+        }
         match std::fs::remove_file(&f) {
             Ok(()) => tracing::warn!(id = %id, fence = %f.display(), "void fence removed"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
