@@ -51,10 +51,17 @@ pub fn run(args: &InspectArgs) -> Result<InspectReport> {
     } else {
         None
     };
-    if manifest.is_none() && !dir.join("inventory.img").exists() {
+    if !dir.join("inventory.img").exists() {
+        // A manifest alone is what a dump that failed part-way can leave
+        // (or a copy that lost files): not a checkpoint anything restores.
         anyhow::bail!(
-            "{} is not a checkpoint: it has neither an ms2m manifest nor CRIU images",
-            dir.display()
+            "{} is not a checkpoint: {}",
+            dir.display(),
+            if manifest.is_none() {
+                "it has neither an ms2m manifest nor CRIU images"
+            } else {
+                "it has an ms2m manifest but no CRIU images (no inventory.img)"
+            }
         );
     }
     let (stats, stats_source) = match manifest.as_ref().and_then(|m| m.stats.clone()) {

@@ -137,7 +137,7 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "images without their inventory",
         edit: |d| std::fs::remove_file(d.join("inventory.img")).expect("rm inventory"),
-        inspect: None,
+        inspect: Some("no inventory.img"),
         restore: "no inventory.img",
     },
     Variant {
