@@ -286,15 +286,27 @@ fn shim_sigkill_is_reported_and_cleaned_up() {
         }
     }
     // No process of the container's network namespace (the tap's
-    // listeners lived there), and no shim for it.
-    let holders = sh(&format!(
-        "for p in /proc/[0-9]*; do [ \"$(readlink $p/ns/net 2>/dev/null)\" = '{}' ] && echo ${{p#/proc/}}; done; true",
-        netns.display()
-    ))
-    .ok();
+    // listeners lived there), and no shim for it. containerd's cleanup of a
+    // dead shim kills what is left asynchronously: wait for it (bounded),
+    // and name the stragglers (pid and command line) if they stay.
+    let holders = || {
+        sh(&format!(
+            "for p in /proc/[0-9]*; do [ \"$(readlink $p/ns/net 2>/dev/null)\" = '{}' ] && echo \"${{p#/proc/}} $(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\"; done; true",
+            netns.display()
+        ))
+        .ok()
+        .stdout
+    };
+    let mut left = holders();
+    let t0 = std::time::Instant::now();
+    while !left.trim().is_empty() && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(100));
+        left = holders();
+    }
     assert!(
-        holders.stdout.trim().is_empty(),
-        "processes still in the container's netns: {holders}"
+        left.trim().is_empty(),
+        "processes still in the container's netns after {:?}: {left}",
+        t0.elapsed()
     );
     assert!(c.shim_pid().is_none(), "a shim runs for {} again", c.id);
     wait_until(
