@@ -328,6 +328,14 @@ impl MirrorState {
     }
 }
 
+/// An error of the mirror's own connection, naming the broker and the step.
+fn mirror_error(cfg: &LinkConfig, step: &str, e: &dyn std::fmt::Display) -> TapError {
+    TapError::Config(format!(
+        "classic-queue mirror on broker {}:{}: {step}: {e}",
+        cfg.host, cfg.port
+    ))
+}
+
 /// Publishes mirror copies with publisher confirms, on the tap's own
 /// connection to the broker (the upstream URL's credentials).
 pub(crate) struct Publisher {
@@ -349,12 +357,7 @@ impl Publisher {
     pub async fn open(cfg: &LinkConfig, streams: &[String]) -> Result<Publisher, TapError> {
         use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
         let p = Publisher::connect(cfg).await?;
-        let what = |step: &str, e: &dyn std::fmt::Display| {
-            TapError::Config(format!(
-                "classic-queue mirror on broker {}:{}: {step}: {e}",
-                cfg.host, cfg.port
-            ))
-        };
+        let what = |step: &str, e: &dyn std::fmt::Display| mirror_error(cfg, step, e);
         let ch = &p.ch;
         for s in streams {
             ch.queue_delete(s.as_str().into(), QueueDeleteOptions::default())
@@ -387,12 +390,7 @@ impl Publisher {
     /// Connects and selects publisher confirms.
     async fn connect(cfg: &LinkConfig) -> Result<Publisher, TapError> {
         use lapin::options::ConfirmSelectOptions;
-        let what = |step: &str, e: &dyn std::fmt::Display| {
-            TapError::Config(format!(
-                "classic-queue mirror on broker {}:{}: {step}: {e}",
-                cfg.host, cfg.port
-            ))
-        };
+        let what = |step: &str, e: &dyn std::fmt::Display| mirror_error(cfg, step, e);
         let url = cfg.amqp_url();
         let connect = lapin::Connection::connect(
             &url,
