@@ -797,6 +797,190 @@ fn broker_unreachable_at_checkpoint() {
     assert_exact(&c, name, &produced, &results, 200);
 }
 
+/// The broker restarts while a restored consumer replays its backlog after
+/// an exit checkpoint. The tap closes the app's connection with the
+/// broker's, the app reconnects through the tap, and the tap resumes the
+/// stream at its own progress (the last offset the app acked + 1), not at
+/// the checkpoint's cut again: the replay goes on from where it was.
+///
+/// What the broker restart can double is the app's own business and the
+/// same without ms2m: a result the app had published when the broker went
+/// away, but whose confirm it never got, is published again when the
+/// message comes back (at-least-once publishing). The consumer handles one
+/// delivery at a time, so that is at most one result; it must be the one
+/// in flight at the restart. Nothing the app had acked is processed again,
+/// and nothing is lost. On a classic queue the broker redelivers what was
+/// not acked, as it would to any consumer.
+fn broker_restart_mid_replay(kind: QueueKind) {
+    let (_lock, td, q) = broker_test(&format!("bc-replay-restart-{}", kind.as_str()), kind, true);
+    let name = &format!("lapin-replay-restart-{}", kind.as_str());
+    // ~2 ms of work a message: the backlog takes seconds to replay.
+    let c = start_consumer(Client::Lapin, &q, &td, name, &["--env=WORK_US=2000".into()]);
+    const N: u64 = 3000;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 3000));
+    wait_consumer_count(&c, 200, Duration::from_secs(20));
+    let img = td.join("ck");
+    ms2m(&[
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        path_str(&img),
+        &c.id,
+    ])
+    .ok();
+    let cut = queue_cut(&manifest_json(&img), &q.queue)["acked"]
+        .as_u64()
+        .expect("the queue's cut counts what the app acked");
+    // Everything is in the queue before the broker restarts (the test's
+    // producer does not reconnect).
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+
+    let restored_log = td.join(&format!("{name}.restored.log"));
+    ms2m(&[
+        "restore",
+        "--log",
+        path_str(&restored_log),
+        &c.id,
+        path_str(&img),
+    ])
+    .ok();
+    let before = wait_consumer_count(&c, cut + 400, Duration::from_secs(30));
+    let mut at_restart = None;
+    restart_broker_app(|| {
+        at_restart = consumer_state(&c);
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let at_restart = at_restart.expect("the consumer's state while the broker was down");
+    assert!(
+        at_restart.count < N,
+        "{name}: the replay was over before the broker restarted ({at_restart:?}); nothing was tested"
+    );
+    let s = wait_consumer_connects(&c, 3, Duration::from_secs(30));
+    eprintln!("{name}: cut {cut}; {before:?} before the restart, {at_restart:?} while down; reconnected: {s:?}");
+
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
+    eprintln!("{name}: {report}");
+    assert!(report.lost.is_empty(), "{name}: lost: {report}");
+    assert!(report.unexpected.is_empty(), "{name}: {report}");
+    // At most the one delivery in flight at the restart came twice, and
+    // only as a result the broker had kept without confirming it.
+    assert!(
+        report.duplicated.len() <= 1,
+        "{name}: replayed too much: {report}"
+    );
+    for &d in &report.duplicated {
+        assert!(
+            d > at_restart.last_seq.saturating_sub(1) && d <= at_restart.last_seq + 1,
+            "{name}: seq {d} processed twice, but the app was at {} when the broker went down: {report}",
+            at_restart.last_seq
+        );
+    }
+    // The app's own state: every message once, in order (a result that was
+    // not confirmed did not enter it).
+    let state = wait_consumer_count(&c, N, Duration::from_secs(30));
+    assert_eq!(state.count, N, "{name}: {state:?}");
+    assert_eq!(
+        state.digest,
+        digest_of(1..=N),
+        "{name}: the state is not that of 1..={N} in order: {state:?}"
+    );
+}
+
+#[test]
+fn broker_restart_mid_replay_resumes_at_the_taps_progress_stream() {
+    broker_restart_mid_replay(QueueKind::Stream)
+}
+
+#[test]
+fn broker_restart_mid_replay_resumes_at_the_taps_progress_classic() {
+    broker_restart_mid_replay(QueueKind::Classic)
+}
+
+/// The broker restarts twice around a fence. First while a source is
+/// fenced (`ms2m fence` without `--kill`: its deliveries held, its
+/// publishes after the cut counted): the app reconnects through the tap,
+/// and the tap keeps holding what the broker delivers on the new
+/// connection, so the fenced source processes and publishes nothing more.
+/// Then, killed and restored, while the restored instance replays with
+/// publishes still to suppress: the suppression goes on across the app's
+/// reconnect. Every result exactly once.
+#[test]
+fn broker_restarts_during_a_fence_and_its_replay_publish_nothing_twice() {
+    let (_lock, td, q) = broker_test("bc-fence-restart", QueueKind::Stream, true);
+    let name = "lapin-fence-restart";
+    // ~5 ms of work a message (~200 msg/s): the suppressed replay lasts
+    // about 2 s, long enough to restart the broker inside it.
+    let c = start_consumer(Client::Lapin, &q, &td, name, &["--env=WORK_US=5000".into()]);
+    const N: u64 = 1500;
+    let producer = Producer::start(ProducerConfig::new(&q.queue, N, 500));
+    wait_consumer_count(&c, 150, Duration::from_secs(20));
+    let img = td.join("ck");
+    ms2m(&["checkpoint", "--image-path", path_str(&img), &c.id]).ok();
+    let cut = queue_cut(&manifest_json(&img), &q.queue)["next_offset"]
+        .as_u64()
+        .expect("the stream's cut has a next_offset");
+    // The source goes on past the cut, then is fenced.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = ms2m(&["fence", "--json", "--image-path", path_str(&img), &c.id]).ok();
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("`ms2m fence --json` did not print JSON ({e}): {out}"));
+    let after_cut = report["fence"]["publishes_after_cut"].as_u64().unwrap_or(0);
+    assert!(
+        after_cut >= 200,
+        "the source published after the cut: {report}"
+    );
+    let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
+    assert_eq!(rep.confirmed.len() as u64, N);
+    let fenced = consumer_state(&c).expect("the fenced source's state");
+    assert!(
+        fenced.count < N,
+        "{name}: fenced after the last message: {fenced:?}"
+    );
+
+    // 1. During the fence.
+    restart_broker_app(|| std::thread::sleep(Duration::from_millis(500)));
+    let s = wait_consumer_connects(&c, 2, Duration::from_secs(30));
+    // Long enough for a reconnected, unfenced consumer to take hundreds.
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = consumer_state(&c).expect("the fenced source's state");
+    eprintln!(
+        "{name}: cut {cut}, fence {report}; fenced at {fenced:?}; reconnected {s:?}; 1.5 s later {later:?}"
+    );
+    assert_eq!(
+        (later.count, later.last_seq),
+        (fenced.count, fenced.last_seq),
+        "{name}: the fenced source processed after the broker restart"
+    );
+    assert_eq!(c.status().as_deref(), Some("RUNNING"));
+
+    // 2. During the restored instance's suppressed replay.
+    c.kill_and_delete_task();
+    let restored_log = td.join(&format!("{name}.restored.log"));
+    ms2m(&[
+        "restore",
+        "--log",
+        path_str(&restored_log),
+        &c.id,
+        path_str(&img),
+    ])
+    .ok();
+    wait_consumer_count(&c, cut + 100, Duration::from_secs(30));
+    let mut at_restart = None;
+    restart_broker_app(|| at_restart = consumer_state(&c));
+    let at_restart = at_restart.expect("the restored consumer's state while the broker was down");
+    assert!(
+        at_restart.count < cut + after_cut,
+        "{name}: the suppressed replay was over before the broker went down \
+         ({at_restart:?}, cut {cut}, {after_cut} to suppress); nothing was tested"
+    );
+    let s = wait_consumer_connects(&c, 3, Duration::from_secs(30));
+    eprintln!("{name}: restored; {at_restart:?} while the broker was down; reconnected {s:?}");
+    let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
+    assert_exact(&c, name, &rep.confirmed, &results, N);
+}
+
 /// Garbage and an oversized frame header sent to the tap from inside the
 /// container: those connections are closed, the consumer in the same
 /// container is unaffected, the shim answers.
