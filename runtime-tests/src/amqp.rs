@@ -78,7 +78,7 @@ fn now_us() -> u64 {
 }
 
 /// Runs a future to completion on a fresh current-thread tokio runtime.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -451,6 +451,40 @@ pub async fn collect_results_async(
     expected: usize,
     timeout: Duration,
 ) -> Result<Vec<ResultMsg>, String> {
+    let goal = ResultsGoal::new(expected, timeout);
+    let mut out = Vec::new();
+    consume_results(results_queue, &goal, |r| out.push(r)).await?;
+    Ok(out)
+}
+
+/// When [`consume_results`] stops: once `expected` results arrived (plus
+/// 300 ms for surplus ones), or at the deadline. Either may change while it
+/// runs (a soak learns how many to expect only when its producer stops).
+pub struct ResultsGoal(std::sync::Mutex<(usize, Instant)>);
+
+impl ResultsGoal {
+    /// `expected` results within `timeout` from now.
+    pub fn new(expected: usize, timeout: Duration) -> ResultsGoal {
+        ResultsGoal(std::sync::Mutex::new((expected, Instant::now() + timeout)))
+    }
+
+    /// Sets a new goal: `expected` results within `timeout` from now.
+    pub fn set(&self, expected: usize, timeout: Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (expected, Instant::now() + timeout);
+    }
+
+    fn get(&self) -> (usize, Instant) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Consumes `results_queue` (auto-ack), handing each result to `sink`,
+/// until `goal` is met or its deadline passes; returns how many arrived.
+pub async fn consume_results(
+    results_queue: &str,
+    goal: &ResultsGoal,
+    mut sink: impl FnMut(ResultMsg),
+) -> Result<usize, String> {
     let conn = connect("collector").await?;
     let ch = conn
         .create_channel()
@@ -468,28 +502,33 @@ pub async fn collect_results_async(
         )
         .await
         .map_err(|e| format!("consuming: {e}"))?;
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut n = 0;
     let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
-        let until = match linger_until {
-            Some(l) => l.min(deadline),
-            None => deadline,
-        };
+        let (expected, deadline) = goal.get();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let now = tokio::time::Instant::now();
+        if n >= expected && linger_until.is_none() {
+            linger_until = Some(now + Duration::from_millis(300));
+        }
+        let stop_at = linger_until.map_or(deadline, |l| l.min(deadline));
+        if now >= stop_at {
+            break;
+        }
+        // Wake up now and then: the goal may change meanwhile.
+        let until = stop_at.min(now + Duration::from_millis(250));
         match tokio::time::timeout_at(until, consumer.next()).await {
-            Err(_) => break,
+            Err(_) => {}
             Ok(None) => return Err("the results consumer was cancelled".into()),
             Ok(Some(Err(e))) => return Err(format!("receiving: {e}")),
             Ok(Some(Ok(d))) => {
-                out.push(ResultMsg::parse(&d.data)?);
-                if out.len() >= expected && linger_until.is_none() {
-                    linger_until = Some(tokio::time::Instant::now() + Duration::from_millis(300));
-                }
+                sink(ResultMsg::parse(&d.data)?);
+                n += 1;
             }
         }
     }
     let _ = conn.close(200, "collector done".into()).await;
-    Ok(out)
+    Ok(n)
 }
 
 /// Per-consumer summary in a [`Report`].
@@ -594,20 +633,16 @@ impl Checker {
 
     /// The verdict over `results` in the order they were received.
     pub fn check(&self, results: &[ResultMsg]) -> Report {
-        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut by_consumer: BTreeMap<String, ConsumerTally> = BTreeMap::new();
-        let mut out_of_order = 0;
+        let mut tally = Tally::default();
         for r in results {
-            *seen.entry(r.seq).or_default() += 1;
-            let t = by_consumer.entry(r.consumer.clone()).or_default();
-            if t.results > 0 && r.seq <= t.last_seq {
-                out_of_order += 1;
-            }
-            t.results += 1;
-            t.last_seq = r.seq;
-            t.last_count = r.count;
-            t.last_digest = r.digest;
+            tally.push(r);
         }
+        self.verdict(&tally)
+    }
+
+    /// The verdict over a [`Tally`] kept while the results arrived.
+    pub fn verdict(&self, tally: &Tally) -> Report {
+        let seen = &tally.seen;
         let produced: std::collections::BTreeSet<u64> = self.produced.iter().copied().collect();
         let lost: Vec<u64> = produced
             .iter()
@@ -629,10 +664,44 @@ impl Checker {
             processed_unique: produced.len() - lost.len(),
             lost,
             duplicated,
-            out_of_order,
+            out_of_order: tally.out_of_order,
             unexpected,
-            by_consumer,
+            by_consumer: tally.by_consumer.clone(),
         }
+    }
+}
+
+/// What the [`Checker`] needs from the results, kept one result at a time
+/// (a soak's millions of results need not be held as [`ResultMsg`]s).
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    seen: BTreeMap<u64, usize>,
+    by_consumer: BTreeMap<String, ConsumerTally>,
+    out_of_order: usize,
+    results: usize,
+}
+
+impl Tally {
+    /// Counts one result (results in the order they were received).
+    pub fn push(&mut self, r: &ResultMsg) {
+        self.results += 1;
+        *self.seen.entry(r.seq).or_default() += 1;
+        let t = match self.by_consumer.get_mut(&r.consumer) {
+            Some(t) => t,
+            None => self.by_consumer.entry(r.consumer.clone()).or_default(),
+        };
+        if t.results > 0 && r.seq <= t.last_seq {
+            self.out_of_order += 1;
+        }
+        t.results += 1;
+        t.last_seq = r.seq;
+        t.last_count = r.count;
+        t.last_digest = r.digest;
+    }
+
+    /// Results counted so far.
+    pub fn results(&self) -> usize {
+        self.results
     }
 }
 

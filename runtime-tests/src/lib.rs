@@ -27,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub mod amqp;
 pub mod cri;
 pub mod host_b;
+/// The soak: hours of load with checkpoints and restores (issue 9).
+pub mod soak;
 
 /// The runtime of containerd's own runc shim: the baseline.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
