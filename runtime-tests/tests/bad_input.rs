@@ -123,6 +123,25 @@ const VARIANTS: &[Variant] = &[
         restore: "broker section is malformed",
     },
     Variant {
+        name: "broker cut at a stream offset above 2^63-1",
+        edit: |d| {
+            rewrite_manifest(d, |v| {
+                v["broker"] = serde_json::json!({
+                    "schema": "ms2m.broker-cut/v1",
+                    "upstream": "amqp://127.0.0.1:5672/%2f",
+                    "captured_at": "2026-12-07T00:00:00.000Z",
+                    "captured_at_unix_ms": 1796601600000u64,
+                    "connections": 1,
+                    "queues": [{"name": "s", "kind": "stream", "next_offset": 9223372036854775808u64,
+                                "in_flight": 0, "delivered": 1, "acked": 1}],
+                    "quiesce": {"complete": true, "waited_ms": 0, "timeout_ms": 2000, "unsettled": 0}
+                })
+            })
+        },
+        inspect: None,
+        restore: "stream position 9223372036854775808 is above",
+    },
+    Variant {
         name: "fence without a broker cut",
         edit: |d| std::fs::write(d.join("ms2m-fence.json"), b"{\"schema\":").expect("write"),
         inspect: Some("is not JSON"),

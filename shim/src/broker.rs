@@ -82,14 +82,15 @@ pub fn cut_of(manifest: &criu_bridge::manifest::Manifest, images: &Path) -> Resu
     let Some(v) = manifest.extensions.get(MANIFEST_KEY) else {
         return Ok(None);
     };
-    serde_json::from_value::<Cut>(v.clone())
-        .map(Some)
-        .map_err(|e| {
-            Error::InvalidArgument(format!(
-                "checkpoint {}: the manifest's {MANIFEST_KEY} section is malformed: {e}",
-                images.display()
-            ))
-        })
+    let malformed = |e: String| {
+        Error::InvalidArgument(format!(
+            "checkpoint {}: the manifest's {MANIFEST_KEY} section is malformed: {e}",
+            images.display()
+        ))
+    };
+    let cut = serde_json::from_value::<Cut>(v.clone()).map_err(|e| malformed(e.to_string()))?;
+    cut.validate().map_err(malformed)?;
+    Ok(Some(cut))
 }
 
 /// Manifest `broker` key of the publishes a restored tap still had to

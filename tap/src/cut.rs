@@ -35,6 +35,41 @@ pub struct Cut {
     pub mirrors: std::collections::BTreeMap<String, String>,
 }
 
+/// The largest stream offset a cut may name: `x-stream-offset` is an AMQP
+/// signed long, so a larger one cannot be asked of the broker.
+pub const MAX_STREAM_OFFSET: u64 = i64::MAX as u64;
+
+impl Cut {
+    /// Checks what deserializing cannot: the schema, each queue named once,
+    /// and every stream position one the broker can be asked for. A cut
+    /// that fails is refused at restore rather than resumed somewhere else
+    /// (a clamped or duplicated position would lose or repeat messages).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schema != CUT_SCHEMA {
+            return Err(format!("schema {:?} is not {CUT_SCHEMA:?}", self.schema));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for q in &self.queues {
+            if !seen.insert(q.name.as_str()) {
+                return Err(format!("queue {:?} is listed twice", q.name));
+            }
+            let offset = match (&q.next_offset, &q.offset_spec) {
+                (Some(n), _) => Some(*n),
+                (None, Some(OffsetSpec::Offset(o) | OffsetSpec::Timestamp(o))) => Some(*o),
+                _ => None,
+            };
+            if let Some(o) = offset.filter(|o| *o > MAX_STREAM_OFFSET) {
+                return Err(format!(
+                    "queue {:?}: stream position {o} is above {MAX_STREAM_OFFSET}, \
+                     the largest x-stream-offset there is",
+                    q.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Queue type as far as the tap could tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -162,8 +197,32 @@ mod tests {
     }
 
     #[test]
-    fn cut_json_roundtrip() {
-        let cut = Cut {
+    fn validate_refuses_positions_the_broker_cannot_take() {
+        let mut cut = sample();
+        assert_eq!(cut.validate(), Ok(()));
+        cut.queues[0].next_offset = Some(MAX_STREAM_OFFSET);
+        assert_eq!(cut.validate(), Ok(()));
+        cut.queues[0].next_offset = Some(MAX_STREAM_OFFSET + 1);
+        let e = cut.validate().unwrap_err();
+        assert!(
+            e.contains("9223372036854775808") && e.contains("\"s\""),
+            "{e}"
+        );
+        cut.queues[0].next_offset = None;
+        cut.queues[0].offset_spec = Some(OffsetSpec::Offset(u64::MAX));
+        assert!(cut.validate().is_err());
+        cut.queues[0].offset_spec = Some(OffsetSpec::Next);
+        assert_eq!(cut.validate(), Ok(()));
+        let mut twice = sample();
+        twice.queues.push(twice.queues[0].clone());
+        assert!(twice.validate().unwrap_err().contains("listed twice"));
+        let mut other = sample();
+        other.schema = "ms2m.broker-cut/v9".into();
+        assert!(other.validate().unwrap_err().contains("v9"));
+    }
+
+    fn sample() -> Cut {
+        Cut {
             schema: CUT_SCHEMA.into(),
             upstream: "amqp://127.0.0.1:5672/%2f".into(),
             captured_at: rfc3339_utc(1),
@@ -186,7 +245,12 @@ mod tests {
                 timeout_ms: 1000,
                 unsettled: 0,
             },
-        };
+        }
+    }
+
+    #[test]
+    fn cut_json_roundtrip() {
+        let cut = sample();
         let json = serde_json::to_string(&cut).unwrap();
         assert!(json.contains("\"kind\":\"stream\""));
         assert!(json.contains("\"next_offset\":42"));

@@ -89,11 +89,10 @@ fn restore_with(cut: &Cut) {
         if let (QueueKind::Stream, Some(next), false) =
             (q.kind, q.next_offset, cut.mirrors.contains_key(&q.name))
         {
-            // Only the first consume of a queue is rewritten to the cut: a
-            // cut listing the same name twice gets the rewrite once. Offsets
-            // above i64::MAX (x-stream-offset is a signed long) are clamped
-            // by the ledger, not refused: found by this target, reported.
-            if cut.queues[..i].iter().all(|p| p.name != q.name) && next <= i64::MAX as u64 {
+            // Cuts reach the ledger only once validated (the shim refuses
+            // the rest at restore): each queue once, offsets the broker can
+            // take (found by this target: they used to be clamped).
+            if cut.validate().is_ok() {
                 let Some(AMQPClass::Basic(basic::AMQPMethod::Consume(c))) = rewritten else {
                     panic!("stream consume of {:?} not resumed at {next}", q.name)
                 };
