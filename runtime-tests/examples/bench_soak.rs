@@ -55,7 +55,7 @@ fn main() {
                     serde_json::json!({
                         "name": "soak_capacity_msgs", "runtime": mode.name(), "unit": "msg/s",
                         "seconds": secs, "producer": producer.round(), "consumer": consumer.round(),
-                        "what": "producer unthrottled (publisher confirms, 512 in flight); the consumer's results per second once loaded",
+                        "what": "producer unthrottled for 5 s (publisher confirms, 512 in flight), then the consumer's results per second working through that backlog alone",
                     })
                 );
             }

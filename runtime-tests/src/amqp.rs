@@ -70,7 +70,8 @@ pub fn digest_of(seqs: impl IntoIterator<Item = u64>) -> u64 {
     d
 }
 
-fn now_us() -> u64 {
+/// Wall-clock microseconds since the epoch (the messages' timestamps).
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
