@@ -15,6 +15,8 @@
 //! - [`config`]: CRIU configuration files (runc hands them to CRIU through
 //!   the `org.criu.config` annotation) and the choices behind them, such as
 //!   whether a network lock is needed at all.
+//! - [`netlock`]: CRIU's network lock left in a container's network
+//!   namespace by a CRIU that died mid-dump, found and removed.
 //!
 //! The shim uses this crate on its checkpoint and restore paths; the `ms2m`
 //! CLI uses it to show what a checkpoint contains.
@@ -25,6 +27,7 @@ pub mod criu;
 mod error;
 pub mod features;
 pub mod manifest;
+pub mod netlock;
 mod proto;
 pub mod rpc;
 pub mod stats;

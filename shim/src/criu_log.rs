@@ -13,9 +13,27 @@ pub fn criu_errors(log: &str) -> String {
     errors[errors.len().saturating_sub(3)..].join(" | ")
 }
 
+/// The notification stage CRIU reached last ("pre-resume"), from a log at
+/// level 4 (runc's), which records each one ("Running pre-resume
+/// scripts"): where a CRIU that died without an error line was.
+pub fn last_stage(log: &str) -> Option<&str> {
+    log.lines().rev().find_map(|l| {
+        let (_, rest) = l.split_once("Running ")?;
+        rest.trim().strip_suffix(" scripts")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_last_stage() {
+        let log = "(00.1) Running pre-restore scripts\n(00.2) Running pre-resume scripts\n\
+                   (00.3) Error (criu/util.c:1): rlimit\n";
+        assert_eq!(last_stage(log), Some("pre-resume"));
+        assert_eq!(last_stage("nothing\n"), None);
+    }
 
     #[test]
     fn picks_criu_errors() {

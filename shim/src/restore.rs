@@ -20,7 +20,7 @@ use criu_bridge::stats::read_restore_stats;
 
 use crate::config::{LazyChoice, Overrides, ShimConfig};
 use crate::criu_conf;
-use crate::criu_log::criu_errors;
+use crate::criu_log::{criu_errors, last_stage};
 use crate::error::{Error, Result};
 use crate::exits::ExitHub;
 use crate::runc::{read_pid, ProcessStdio, RestoreArgs, Runc};
@@ -172,21 +172,28 @@ pub async fn restore(target: &Target, from: &RestoreSource) -> Result<Restored> 
         );
     }
 
+    let runc = target.runc.with_criu(&criu);
+    let inits_before = namespace_inits();
+    let failed = |e: Error| async {
+        let e = with_log(e, &work);
+        match kill_half_restored(id, &inits_before, manifest.as_ref()).await {
+            left if left.is_empty() => e,
+            left => Error::Internal(format!("{e}{left}")),
+        }
+    };
     let io = if target.stdio.terminal {
         let socket = ConsoleSocket::new(&console_socket_dir())?;
         args.console_socket = Some(socket.path().to_path_buf());
-        target
-            .runc
-            .restore(id, &args, ProcessStdio::default())
-            .await
-            .map_err(|e| with_log(e, &work))?;
+        if let Err(e) = runc.restore(id, &args, ProcessStdio::default()).await {
+            return Err(failed(e).await);
+        }
         let master = socket.receive_master().await?;
         stdio::attach_console(&target.stdio, master)?
     } else {
         let (child, io) = stdio::pipes(&target.stdio)?;
-        if let Err(e) = target.runc.restore(id, &args, child).await {
+        if let Err(e) = runc.restore(id, &args, child).await {
             io.tasks.abort().await;
-            return Err(with_log(e, &work));
+            return Err(failed(e).await);
         }
         io
     };
@@ -339,6 +346,99 @@ impl LazyDaemon {
     }
 }
 
+/// The children of this shim that are the init of a PID namespace of
+/// their own: the containers' inits, and a tree CRIU restored (its root is
+/// a sibling of CRIU, so runc's child, then the shim's once runc exits).
+fn namespace_inits() -> std::collections::HashSet<i32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return false;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            };
+            let nspid = field("NSpid:");
+            field("PPid:") == [me.as_str()] && nspid.len() > 1 && nspid.last() == Some(&"1")
+        })
+        .collect()
+}
+
+/// After a failed `runc restore`: kills what CRIU restored. CRIU killed
+/// late (at `pre-resume`: every task restored, stopped by CRIU's ptrace)
+/// leaves the tree to run on when its tracer dies, and runc's cleanup
+/// misses it: CRIU put it into the cgroups the checkpoint recorded (the
+/// source's), not the new container's. It would run unmanaged, the task
+/// never created. The tree is the init of a new PID namespace among this
+/// shim's children that was not there before the restore (and, when the
+/// manifest records the source's freezer cgroup, in that cgroup): killing
+/// it ends the namespace. Returns a note for the error message.
+async fn kill_half_restored(
+    id: &str,
+    before: &std::collections::HashSet<i32>,
+    manifest: Option<&Manifest>,
+) -> String {
+    let source_freezer = manifest
+        .and_then(|m| m.extensions.get(crate::source_cgroups::MANIFEST_KEY))
+        .and_then(|v| v.pointer("/paths/freezer"))
+        .and_then(|v| v.as_str())
+        .and_then(|p| p.strip_prefix("/sys/fs/cgroup/freezer"))
+        .map(str::to_string);
+    let in_source_cgroup = |pid: i32| {
+        let Some(want) = &source_freezer else {
+            return true;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|cg| {
+            cg.lines()
+                .filter_map(|l| l.split_once(':').and_then(|(_, r)| r.split_once(':')))
+                .any(|(ctrl, path)| ctrl.split(',').any(|c| c == "freezer") && path == want)
+        })
+    };
+    let left: Vec<i32> = namespace_inits()
+        .into_iter()
+        .filter(|p| !before.contains(p) && in_source_cgroup(*p))
+        .collect();
+    if left.is_empty() {
+        return String::new();
+    }
+    for &pid in &left {
+        // SAFETY: kill(2) on a child of this shim, not reaped yet (its
+        // /proc entry was just read); the shim's reaper reaps it.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    tracing::warn!(
+        id,
+        ?left,
+        "the failed restore left restored processes running: killed"
+    );
+    // Dead once a zombie (the reaper, on this same thread, reaps it).
+    let t0 = Instant::now();
+    let dead = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+            })
+            .unwrap_or(true)
+    };
+    while !left.iter().all(dead) && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    format!(
+        "; CRIU had restored the container's processes (init pid {left:?}), which the failed \
+         restore left running outside the container's cgroups: killed"
+    )
+}
+
 /// Adds where CRIU's restore log is to a restore error.
 fn with_log(e: Error, work: &Path) -> Error {
     let log: PathBuf = work.join("restore.log");
@@ -350,7 +450,11 @@ fn with_log(e: Error, work: &Path) -> Error {
             } else {
                 format!("; CRIU: {errors}")
             };
-            Error::Internal(format!("{e}{errors}; CRIU log: {}", log.display()))
+            // A CRIU that was killed logs no error: where it was says more.
+            let stage = last_stage(&text)
+                .map(|s| format!("; CRIU's last stage: {s}"))
+                .unwrap_or_default();
+            Error::Internal(format!("{e}{errors}{stage}; CRIU log: {}", log.display()))
         }
         Err(_) => e,
     }

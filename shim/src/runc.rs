@@ -198,6 +198,9 @@ pub struct Runc {
     root: PathBuf,
     log: PathBuf,
     systemd_cgroup: bool,
+    /// `--criu`: the CRIU binary of the shim's configuration, for
+    /// checkpoint and restore (see [`Runc::with_criu`]).
+    criu: Option<PathBuf>,
 }
 
 impl Runc {
@@ -218,6 +221,18 @@ impl Runc {
             root: root.to_path_buf(),
             log: bundle.join("log.json"),
             systemd_cgroup,
+            criu: None,
+        }
+    }
+
+    /// The same runc, running `criu` for checkpoint and restore (runc's
+    /// global `--criu`; without it runc runs `criu` from its PATH, not the
+    /// binary the shim's `[criu] binary` names). runc 1.2 and later ignore
+    /// the flag and always look `criu` up on PATH.
+    pub fn with_criu(&self, criu: &Path) -> Runc {
+        Runc {
+            criu: Some(criu.to_path_buf()),
+            ..self.clone()
         }
     }
 
@@ -414,6 +429,9 @@ impl Runc {
             .arg("json");
         if self.systemd_cgroup {
             cmd.arg("--systemd-cgroup");
+        }
+        if let Some(c) = &self.criu {
+            cmd.arg("--criu").arg(c);
         }
         cmd.args(&args);
         let (capture, input) = match io {

@@ -267,7 +267,29 @@ impl Conn {
 /// Reads one packet from `sock` (blocking) and decodes it as a
 /// `criu_resp`, with the fd that came along (SCM_RIGHTS), if any.
 pub(crate) fn recv_resp(sock: &OwnedFd) -> Result<(CriuResp, Option<OwnedFd>), ConnError> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (buf, fds) = match recv_packet(sock, MAX_MESSAGE) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(ConnError::Eof),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(ConnError::Garbage(e.to_string()))
+        }
+        Err(e) => return Err(ConnError::Io(e)),
+    };
+    let resp = decode_response(&buf).map_err(ConnError::Garbage)?;
+    // Keep the first fd; extra ones (never sent by CRIU 4.2) are closed.
+    Ok((resp, fds.into_iter().next()))
+}
+
+/// A packet and the fds that came with it.
+pub type Packet = (Vec<u8>, Vec<OwnedFd>);
+
+/// Reads one packet of at most `max` bytes from a SOCK_SEQPACKET socket
+/// (blocking), with the fds that came along (SCM_RIGHTS, close-on-exec);
+/// `Ok(None)` at end of stream (or a reset connection), an
+/// `InvalidData` error for a longer packet. Public for what relays CRIU's
+/// socket (the fault tests' stand-in CRIU).
+pub fn recv_packet(sock: &OwnedFd, max: usize) -> io::Result<Option<Packet>> {
+    let mut buf = vec![0u8; max];
     // Room for a few fds; CRIU sends at most one.
     const FDS: usize = 4;
     let space =
@@ -295,8 +317,8 @@ pub(crate) fn recv_resp(sock: &OwnedFd) -> Result<(CriuResp, Option<OwnedFd>), C
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::ECONNRESET) => return Err(ConnError::Eof),
-            _ => return Err(ConnError::Io(e)),
+            Some(libc::ECONNRESET) => return Ok(None),
+            _ => return Err(e),
         }
     };
     let mut fds = Vec::new();
@@ -317,17 +339,17 @@ pub(crate) fn recv_resp(sock: &OwnedFd) -> Result<(CriuResp, Option<OwnedFd>), C
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if n == 0 {
-        return Err(ConnError::Eof);
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
     }
     if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Err(ConnError::Garbage(format!(
-            "message longer than {MAX_MESSAGE} bytes"
-        )));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message longer than {max} bytes"),
+        ));
     }
-    let resp = decode_response(&buf[..n]).map_err(ConnError::Garbage)?;
-    // Keep the first fd; extra ones (never sent by CRIU 4.2) are closed.
-    Ok((resp, fds.into_iter().next()))
+    buf.truncate(n);
+    Ok(Some((buf, fds)))
 }
 
 /// "criu exited with status 1" / "criu was killed by signal 9".

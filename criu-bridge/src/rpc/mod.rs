@@ -79,6 +79,7 @@ pub use proto::{
     JoinNamespace, MessageField, NetworkLockMethod, PageServerInfo, PreDumpMode, ReqType,
 };
 
+pub use conn::{recv_packet, Packet};
 pub use lazy::LazyPages;
 
 use conn::{Conn, ConnError};
@@ -666,7 +667,8 @@ impl CriuClient {
         let mut hook_duration_ms = None;
         let mut hook_error: Option<String> = None;
 
-        let lost = |conn: &mut Conn, e: ConnError| -> Error {
+        // `last`: CRIU's last notification, where it was when it was lost.
+        let lost = |conn: &mut Conn, e: ConnError, last: Option<&NotifyEvent>| -> Error {
             let (failure, what) = match e {
                 ConnError::Io(e) => (CriuFailure::Died, format!("socket error: {e}")),
                 ConnError::Eof => (
@@ -689,6 +691,12 @@ impl CriuClient {
                 }
             };
             let mut detail = format!("{what} ({})", conn.exit_report());
+            if let Some(n) = last {
+                detail.push_str(&format!(
+                    ", after its {} notification ({:.1} ms into the request)",
+                    n.script, n.at_ms
+                ));
+            }
             if let Some((cg, was_thawed)) = restore_freezer {
                 let (done, r) = if was_thawed {
                     ("thawed", thaw_freezer(cg))
@@ -708,12 +716,12 @@ impl CriuClient {
         };
 
         if let Err(e) = conn.send(&wire) {
-            return Err(lost(&mut conn, e));
+            return Err(lost(&mut conn, e, None));
         }
         let resp = loop {
             let (resp, fd) = match conn.recv() {
                 Ok(r) => r,
-                Err(e) => return Err(lost(&mut conn, e)),
+                Err(e) => return Err(lost(&mut conn, e, events.last())),
             };
             if resp.type_() != ReqType::NOTIFY {
                 break resp;
@@ -756,7 +764,7 @@ impl CriuClient {
                 hook_error = Some(format!("{script} callback failed: {reason}"));
             }
             if let Err(e) = conn.send(&encode(&answer)?) {
-                return Err(lost(&mut conn, e));
+                return Err(lost(&mut conn, e, events.last()));
             }
         };
         let wall_ms = ms(sent.elapsed());

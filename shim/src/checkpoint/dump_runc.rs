@@ -52,7 +52,8 @@ pub(super) async fn dump(job: &DumpJob<'_>, has_tcp: &std::io::Result<bool>) -> 
         empty_namespaces: opts.empty_namespaces.clone(),
         cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
     };
-    if let Err(e) = target.runc.checkpoint(&target.id, &args).await {
+    let runc = target.runc.with_criu(&plan.criu);
+    if let Err(e) = runc.checkpoint(&target.id, &args).await {
         let criu_errors = std::fs::read_to_string(work_path.join("dump.log"))
             .map(|log| criu_errors(&log))
             .unwrap_or_default();

@@ -118,6 +118,7 @@ pub async fn checkpoint(
     // frozen window.
     let broker = tap::prepare(target, opts, &plan).await?;
 
+    let before = failure::Before::take(image_path);
     let dump_started = Instant::now();
     let job = DumpJob {
         target,
@@ -142,8 +143,10 @@ pub async fn checkpoint(
         Err(e) => {
             let log = failure::keep_dump_log(&work.path, image_path, &target.bundle);
             let state = failure::ensure_running(target).await;
+            let network = failure::release_network_lock(target).await;
+            let images = failure::discard_images(image_path, &before, log.as_deref());
             return Err(Error::Internal(format!(
-                "{what} failed: {e}{}{state}",
+                "{what} failed: {e}{}{state}{network}{images}",
                 log.map(|l| format!("; CRIU log: {}", l.display()))
                     .unwrap_or_default()
             )));
