@@ -36,11 +36,20 @@ fn main() {
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| format!("bs{}", std::process::id()));
+    // The consumer's BATCH (see the workload's docs); 1 by default.
+    let batch: usize = std::env::var("SOAK_BATCH")
+        .ok()
+        .map(|b| {
+            b.parse()
+                .unwrap_or_else(|_| panic!("SOAK_BATCH {b:?} is not a number"))
+        })
+        .unwrap_or(1);
     let soak = |mode: Mode| {
         let minutes = arg(&args, 2, "minutes");
         let rate = arg(&args, 3, "rate");
         let mut cfg = SoakConfig::new(mode, Duration::from_secs(minutes * 60), rate, &token);
         cfg.keep_logs = std::env::var_os("BENCH_LOGDIR").map(PathBuf::from);
+        cfg.batch = batch;
         let report = run(&cfg);
         println!("{}", report.json());
         report.exact()
@@ -49,12 +58,12 @@ fn main() {
         Some("capacity") => {
             let secs = arg(&args, 2, "seconds");
             for mode in [Mode::Ms2mTapped, Mode::RuncDirect] {
-                let (producer, consumer) = capacity(mode, secs, &token);
+                let (producer, consumer) = capacity(mode, secs, batch, &token);
                 println!(
                     "{}",
                     serde_json::json!({
                         "name": "soak_capacity_msgs", "runtime": mode.name(), "unit": "msg/s",
-                        "seconds": secs, "producer": producer.round(), "consumer": consumer.round(),
+                        "seconds": secs, "batch": batch, "producer": producer.round(), "consumer": consumer.round(),
                         "what": "producer unthrottled for 5 s (publisher confirms, 512 in flight), then the consumer's results per second working through that backlog alone",
                     })
                 );

@@ -71,6 +71,10 @@ pub struct SoakConfig {
     pub prefix: String,
     /// Where to copy the consumer's log and a few CRIU dump logs (bench).
     pub keep_logs: Option<PathBuf>,
+    /// The consumer's `BATCH`: deliveries it processes per confirm round
+    /// trip (1: one at a time, publish, confirm, ack each); its prefetch is
+    /// this or 50, whichever is larger.
+    pub batch: usize,
 }
 
 impl SoakConfig {
@@ -87,6 +91,7 @@ impl SoakConfig {
             kind: QueueKind::Stream,
             prefix: prefix.to_string(),
             keep_logs: None,
+            batch: 1,
         }
     }
 }
@@ -245,7 +250,10 @@ fn start_consumer(cfg: &SoakConfig, q: &TestQueues, td: &TestDir) -> (Container,
             format!("--env=AMQP_URL={UPSTREAM}"),
         ],
     };
-    let opts = consumer_run_opts(Client::Lapin, q, &name, &log, &net);
+    let opts = consumer_run_opts(Client::Lapin, q, &name, &log, &net)
+        .flag(&format!("--env=BATCH={}", cfg.batch))
+        // A batch can only be as large as what the broker may have out.
+        .flag(&format!("--env=PREFETCH={}", cfg.batch.max(50)));
     let runtime = match cfg.mode {
         Mode::Ms2mTapped => crate::MS2M_RUNTIME,
         Mode::RuncDirect => crate::RUNC_RUNTIME,
@@ -746,6 +754,7 @@ impl SoakReport {
             "runtime": self.config.mode.name(),
             "seconds": (self.elapsed_s * 10.0).round() / 10.0,
             "rate": self.config.rate,
+            "batch": self.config.batch,
             "producer_rate": self.producer_rate.round(),
             "queue": self.config.kind.as_str(),
             "produced": self.produced,
@@ -775,10 +784,11 @@ impl SoakReport {
 /// of thousands), then stops, and the consumer's results per second while
 /// it works through that backlog for `secs` (nothing else loading the
 /// broker) are its capacity. Returns `(producer msg/s, consumer msg/s)`.
-pub fn capacity(mode: Mode, secs: u64, prefix: &str) -> (f64, f64) {
+pub fn capacity(mode: Mode, secs: u64, batch: usize, prefix: &str) -> (f64, f64) {
     crate::env();
     crate::amqp::rabbitmq_available();
-    let cfg = SoakConfig::new(mode, Duration::from_secs(secs), 0, prefix);
+    let mut cfg = SoakConfig::new(mode, Duration::from_secs(secs), 0, prefix);
+    cfg.batch = batch;
     let td = TestDir::new(&format!("{prefix}-capacity-{}", mode.name()));
     let q = TestQueues::new(&format!("{prefix}-cap"), QueueKind::Stream);
     let (_c, _log) = start_consumer(&cfg, &q, &td);
