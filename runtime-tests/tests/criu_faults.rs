@@ -336,12 +336,30 @@ fn criu_killed_at_pre_resume_leaves_no_half_restored_task() {
         },
     );
     assert!(left.is_empty());
+    assert_no_cgroup_yard(&dst.id);
     for id in [&src.id, &dst.id] {
         let freezer = PathBuf::from(format!("/sys/fs/cgroup/freezer/ms2m/{id}"));
         if let Ok(state) = std::fs::read_to_string(freezer.join("freezer.state")) {
             assert_eq!(state.trim(), "THAWED", "{} left frozen", freezer.display());
         }
     }
+
+    // `ms2m restore` restores with the container's configuration too (it
+    // names the images in runc options, which cannot carry the container's
+    // own config_path; the manifest records the file): CRIU dies again.
+    std::fs::write(&fault.log, "").expect("empty the stand-in's log");
+    ctr(&["task", "delete", &dst.id]);
+    let out = ms2m(&["restore", &dst.id, &reference]);
+    assert!(
+        !out.success(),
+        "`ms2m restore` did not go through the configured CRIU: {out}"
+    );
+    fault.assert_killed_at("pre-resume");
+    assert!(
+        out.stderr.contains("CRIU's last stage: pre-resume"),
+        "{out}"
+    );
+    assert_no_cgroup_yard(&dst.id);
 
     // The checkpoint is intact: the same container restores from it.
     fault.arm(None);
@@ -354,6 +372,22 @@ fn criu_killed_at_pre_resume_leaves_no_half_restored_task() {
         "the counter restarted: {back} right after the restore, above {AT_LEAST} at the checkpoint"
     );
     dst.wait_counter_above(back, T);
+}
+
+/// CRIU mounts a cgroup yard (`.criu.cgyard.*`, a tmpfs with every
+/// controller inside) in its restore work directory and unmounts it at the
+/// end; one killed before that must not leave it mounted.
+fn assert_no_cgroup_yard(id: &str) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(".criu.cgyard.") && l.contains(id))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "CRIU's cgroup yard is still mounted after the failed restore:\n{}",
+        left.join("\n")
+    );
 }
 
 /// Removes a checkpoint image from containerd's image store.

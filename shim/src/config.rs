@@ -41,6 +41,27 @@ use crate::options::config_path_of;
 /// The configuration file read when the runtime options name none.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/ms2m/shim.toml";
 
+/// Manifest key: the configuration file a checkpoint was taken with
+/// (`{"path": FILE}`), absent when the shim ran on the defaults.
+pub const MANIFEST_CONFIG_KEY: &str = "shim_config";
+
+/// The configuration file recorded in the manifest in `dir`, if there is
+/// one and it exists on this host. Anything unreadable counts as none: the
+/// restore reads and checks the manifest itself and says what is wrong.
+fn recorded_config(dir: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(dir.join(criu_bridge::manifest::MANIFEST_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let path = PathBuf::from(v.get(MANIFEST_CONFIG_KEY)?.get("path")?.as_str()?);
+    if !path.is_file() {
+        tracing::warn!(
+            config = %path.display(),
+            "the checkpoint was taken with a shim configuration this host does not have; using the default"
+        );
+        return None;
+    }
+    Some(path)
+}
+
 /// Annotation: the checkpoint strategy of this container.
 pub const STRATEGY_ANNOTATION: &str = "io.ms2m.checkpoint.strategy";
 /// Annotation: lazy pages on restore of this container.
@@ -344,6 +365,23 @@ impl ShimConfig {
             return Self::read(default);
         }
         Ok(ShimConfig::default())
+    }
+
+    /// The configuration for a task create: as [`Self::for_options`], except
+    /// when the options name no file and the task is restored from the
+    /// checkpoint directory `checkpoint`: then the file the checkpoint was
+    /// taken with (its manifest's [`MANIFEST_CONFIG_KEY`]), when this host
+    /// has it. `ms2m restore` names the images in runc options, which have
+    /// no place for the container's own `config_path`; without this, a
+    /// container created with `--runtime-config-path` would be restored
+    /// with the default configuration.
+    pub fn for_create(options: Option<&Any>, checkpoint: Option<&Path>) -> Result<ShimConfig> {
+        if config_path_of(options)?.is_none() {
+            if let Some(path) = checkpoint.and_then(recorded_config) {
+                return Self::read(&path);
+            }
+        }
+        Self::for_options(options)
     }
 
     /// The helper directory for CRIU's dumps, if it is set and holds an

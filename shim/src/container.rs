@@ -189,7 +189,12 @@ pub fn runc_root(options: &RuncOptions, namespace: &str) -> PathBuf {
 pub async fn create(req: &CreateTaskRequest, namespace: &str) -> Result<Container> {
     let what = describe(&req.id, "");
     let options = parse_runc_options(req.options.as_ref())?;
-    let config = Arc::new(ShimConfig::for_options(req.options.as_ref())?);
+    // A restore: the images containerd unpacked, or the directory named.
+    let image_dir = [req.checkpoint.as_str(), options.criu_image_path.as_str()]
+        .into_iter()
+        .find(|p| !p.is_empty())
+        .map(Path::new);
+    let config = Arc::new(ShimConfig::for_create(req.options.as_ref(), image_dir)?);
     if let Some(src) = &config.source {
         tracing::info!(id = %req.id, config = %src.display(), "shim configuration read");
     }

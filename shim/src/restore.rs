@@ -176,9 +176,11 @@ pub async fn restore(target: &Target, from: &RestoreSource) -> Result<Restored> 
     let inits_before = namespace_inits();
     let failed = |e: Error| async {
         let e = with_log(e, &work);
-        match kill_half_restored(id, &inits_before, manifest.as_ref()).await {
-            left if left.is_empty() => e,
-            left => Error::Internal(format!("{e}{left}")),
+        let left = kill_half_restored(id, &inits_before, manifest.as_ref()).await;
+        let yards = unmount_cgroup_yards(&work);
+        match (left, yards) {
+            (l, y) if l.is_empty() && y.is_empty() => e,
+            (l, y) => Error::Internal(format!("{e}{l}{y}")),
         }
     };
     let io = if target.stdio.terminal {
@@ -344,6 +346,42 @@ impl LazyDaemon {
             _daemon: lp,
         })
     }
+}
+
+/// After a failed `runc restore`: unmounts the cgroup yards CRIU left in
+/// its work directory. During a restore CRIU mounts a tmpfs there
+/// (`.criu.cgyard.*`) with every cgroup controller mounted inside, and
+/// unmounts it at the end; a CRIU killed before that leaves eleven mounts
+/// behind in the host's mount namespace, and the work directory cannot be
+/// removed (`ms2m restore` then fails to empty it). Returns a note for the
+/// error message.
+fn unmount_cgroup_yards(work: &Path) -> String {
+    let Ok(dir) = std::fs::read_dir(work) else {
+        return String::new();
+    };
+    let mut gone = Vec::new();
+    for yard in dir.flatten().map(|e| e.path()).filter(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".criu.cgyard."))
+    }) {
+        let Some(path) = yard.to_str() else { continue };
+        match containerd_shim::mount::umount_recursive(Some(path), libc::MNT_DETACH) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(&yard);
+                gone.push(yard.display().to_string());
+            }
+            Err(e) => tracing::warn!(yard = path, "unmount CRIU's cgroup yard: {e}"),
+        }
+    }
+    if gone.is_empty() {
+        return String::new();
+    }
+    tracing::warn!(yards = ?gone, "unmounted the cgroup yards a failed CRIU restore left");
+    format!(
+        "; the shim unmounted the cgroup yard CRIU left mounted ({})",
+        gone.join(", ")
+    )
 }
 
 /// The children of this shim that are the init of a PID namespace of

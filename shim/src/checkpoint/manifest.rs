@@ -91,6 +91,12 @@ pub(super) async fn build(
             broker::section(cut, b.upstream_reachable, after)?,
         );
     }
+    if let Some(src) = &target.config.source {
+        ext.insert(
+            crate::config::MANIFEST_CONFIG_KEY.into(),
+            serde_json::json!({ "path": src }),
+        );
+    }
     if let Some(c) = crate::source_cgroups::record(&target.runc_root, id) {
         ext.insert(crate::source_cgroups::MANIFEST_KEY.into(), c);
     }
