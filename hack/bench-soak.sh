@@ -56,7 +56,7 @@ results="$BENCH_OUT/results-soak-$stamp.jsonl"
 printf 'started %s, kernel %s, %s CPUs, load %s, git %s\nknobs: minutes=%s rate=%s batch=%s baseline_minutes=%s capacity_s=%s\n' \
     "$stamp" "$(uname -r)" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" \
     "$(git -C "$MS2M_ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)" \
-    "$SOAK_MINUTES" "$SOAK_RATE" "$SOAK_BASELINE_MINUTES" "$SOAK_CAPACITY_SECONDS" > "$logdir/meta.txt"
+    "$SOAK_MINUTES" "$SOAK_RATE" "$SOAK_BATCH" "$SOAK_BASELINE_MINUTES" "$SOAK_CAPACITY_SECONDS" > "$logdir/meta.txt"
 sha256sum "$(command -v containerd-shim-ms2m-v1)" "$(command -v ms2m)" >> "$logdir/meta.txt"
 
 log "building the soak driver (cargo build --release -p ms2m-runtime-tests --example bench_soak)"
