@@ -806,9 +806,11 @@ fn broker_unreachable_at_checkpoint() {
 /// What the broker restart can double is the app's own business and the
 /// same without ms2m: a result the app had published when the broker went
 /// away, but whose confirm it never got, is published again when the
-/// message comes back (at-least-once publishing). The consumer handles one
-/// delivery at a time, so that is at most one result; it must be the one
-/// in flight at the restart. Nothing the app had acked is processed again,
+/// message comes back (at-least-once publishing), and a message whose ack
+/// had not reached the broker is delivered and processed again (the app
+/// does not deduplicate). The consumer handles one delivery at a time, so
+/// that is at most one message; it must be the one in flight at the
+/// restart. Nothing the app had acked is processed again,
 /// and nothing is lost. On a classic queue the broker redelivers what was
 /// not acked, as it would to any consumer.
 fn broker_restart_mid_replay(kind: QueueKind) {
@@ -856,7 +858,7 @@ fn broker_restart_mid_replay(kind: QueueKind) {
         at_restart.count < N,
         "{name}: the replay was over before the broker restarted ({at_restart:?}); nothing was tested"
     );
-    let s = wait_consumer_connects(&c, 3, Duration::from_secs(30));
+    let s = wait_consumer_connects(&c, 3, Duration::from_secs(60));
     eprintln!("{name}: cut {cut}; {before:?} before the restart, {at_restart:?} while down; reconnected: {s:?}");
 
     let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
@@ -864,8 +866,7 @@ fn broker_restart_mid_replay(kind: QueueKind) {
     eprintln!("{name}: {report}");
     assert!(report.lost.is_empty(), "{name}: lost: {report}");
     assert!(report.unexpected.is_empty(), "{name}: {report}");
-    // At most the one delivery in flight at the restart came twice, and
-    // only as a result the broker had kept without confirming it.
+    // At most the one delivery in flight at the restart came twice.
     assert!(
         report.duplicated.len() <= 1,
         "{name}: replayed too much: {report}"
@@ -877,14 +878,20 @@ fn broker_restart_mid_replay(kind: QueueKind) {
             at_restart.last_seq
         );
     }
-    // The app's own state: every message once, in order (a result that was
-    // not confirmed did not enter it).
+    // The app's own state: every message once, in order; or, when the
+    // broker went away between the app's confirm and its ack reaching it,
+    // the in-flight message twice, right after itself (the broker
+    // redelivered what it never saw acked; the app does not deduplicate).
     let state = wait_consumer_count(&c, N, Duration::from_secs(30));
-    assert_eq!(state.count, N, "{name}: {state:?}");
-    assert_eq!(
-        state.digest,
-        digest_of(1..=N),
-        "{name}: the state is not that of 1..={N} in order: {state:?}"
+    let once = (state.count, state.digest) == (N, digest_of(1..=N));
+    let twice = report.duplicated.first().is_some_and(|&d| {
+        let again = (1..=d).chain(std::iter::once(d)).chain(d + 1..=N);
+        (state.count, state.digest) == (N + 1, digest_of(again))
+    });
+    assert!(
+        once || twice,
+        "{name}: the state is neither that of 1..={N} in order nor that with the in-flight \
+         message twice: {state:?}; {report}"
     );
 }
 

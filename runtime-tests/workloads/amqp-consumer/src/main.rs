@@ -49,6 +49,14 @@ const USAGE: &str =
 [--stream-offset next|first|last|N] [--prefetch N] [--results-queue NAME] [--consumer-name NAME] \
 [--state-file PATH] [--work-us N]   (each also from the environment: AMQP_URL, QUEUE, QUEUE_TYPE, ...)";
 
+/// How long a connection's handshake may take before it is retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a publish confirm or an ack may take before the connection
+/// is given up and made again: a confirm still pending when the
+/// connection dies is not always failed (seen once after a broker restart:
+/// the consumer waited on it for good).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// FNV-1a 64-bit offset basis: the digest of the empty sequence.
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -303,8 +311,17 @@ enum End {
 async fn session(cfg: &Config, state: &mut State) -> Result<End, String> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("amqp-consumer {}", cfg.name)));
-    let conn = Connection::connect(&cfg.url, props)
+    // Bounded: a connection accepted while the broker (re)starts may never
+    // get its handshake answered; lapin itself would wait forever.
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.url, props))
         .await
+        .map_err(|_| {
+            format!(
+                "connecting to {}: no handshake within {} s",
+                redact(&cfg.url),
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
         .map_err(|e| format!("connecting to {}: {e}", redact(&cfg.url)))?;
     let result = consume(cfg, &conn, state).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.close(200, "bye".into())).await;
@@ -497,7 +514,14 @@ async fn process(
     // Everything before the first unconfirmed result is done.
     let mut done = 0;
     for (i, seq, st, confirm) in pending {
-        match confirm.await {
+        let Ok(confirmed) = tokio::time::timeout(SETTLE_TIMEOUT, confirm).await else {
+            failed = Some(format!(
+                "no confirm for the result of seq {seq} within {} s",
+                SETTLE_TIMEOUT.as_secs()
+            ));
+            break;
+        };
+        match confirmed {
             Ok(c) if c.is_ack() => {
                 *state = st;
                 done = i + 1;
@@ -519,7 +543,14 @@ async fn process(
     if done > 0 {
         let last = &batch[done - 1];
         let ack = BasicAckOptions { multiple: done > 1 };
-        match last.ack(ack).await {
+        let Ok(acked) = tokio::time::timeout(SETTLE_TIMEOUT, last.ack(ack)).await else {
+            return Ok(Some(End::Lost(format!(
+                "ack of delivery {} not written within {} s",
+                last.delivery_tag,
+                SETTLE_TIMEOUT.as_secs()
+            ))));
+        };
+        match acked {
             Ok(true) => {}
             Ok(false) => {
                 return Ok(Some(End::Lost(format!(
