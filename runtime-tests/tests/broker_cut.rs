@@ -862,37 +862,7 @@ fn broker_restart_mid_replay(kind: QueueKind) {
     eprintln!("{name}: cut {cut}; {before:?} before the restart, {at_restart:?} while down; reconnected: {s:?}");
 
     let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    let report = Checker::new(rep.confirmed.iter().copied()).check(&results);
-    eprintln!("{name}: {report}");
-    assert!(report.lost.is_empty(), "{name}: lost: {report}");
-    assert!(report.unexpected.is_empty(), "{name}: {report}");
-    // At most the one delivery in flight at the restart came twice.
-    assert!(
-        report.duplicated.len() <= 1,
-        "{name}: replayed too much: {report}"
-    );
-    for &d in &report.duplicated {
-        assert!(
-            d > at_restart.last_seq.saturating_sub(1) && d <= at_restart.last_seq + 1,
-            "{name}: seq {d} processed twice, but the app was at {} when the broker went down: {report}",
-            at_restart.last_seq
-        );
-    }
-    // The app's own state: every message once, in order; or, when the
-    // broker went away between the app's confirm and its ack reaching it,
-    // the in-flight message twice, right after itself (the broker
-    // redelivered what it never saw acked; the app does not deduplicate).
-    let state = wait_consumer_count(&c, N, Duration::from_secs(30));
-    let once = (state.count, state.digest) == (N, digest_of(1..=N));
-    let twice = report.duplicated.first().is_some_and(|&d| {
-        let again = (1..=d).chain(std::iter::once(d)).chain(d + 1..=N);
-        (state.count, state.digest) == (N + 1, digest_of(again))
-    });
-    assert!(
-        once || twice,
-        "{name}: the state is neither that of 1..={N} in order nor that with the in-flight \
-         message twice: {state:?}; {report}"
-    );
+    assert_exact_but_the_in_flight_one(&c, name, &rep.confirmed, &results, N, &at_restart);
 }
 
 #[test]
@@ -982,10 +952,57 @@ fn broker_restarts_during_a_fence_and_its_replay_publish_nothing_twice() {
         "{name}: the suppressed replay was over before the broker went down \
          ({at_restart:?}, cut {cut}, {after_cut} to suppress); nothing was tested"
     );
-    let s = wait_consumer_connects(&c, 3, Duration::from_secs(30));
+    let s = wait_consumer_connects(&c, 3, Duration::from_secs(60));
     eprintln!("{name}: restored; {at_restart:?} while the broker was down; reconnected {s:?}");
     let results = collect_results(&q.results, N as usize, Duration::from_secs(60));
-    assert_exact(&c, name, &rep.confirmed, &results, N);
+    assert_exact_but_the_in_flight_one(&c, name, &rep.confirmed, &results, N, &at_restart);
+}
+
+/// After a broker restart while the consumer worked: exact, except for
+/// the app's own at-least-once around the one message in flight (it
+/// handles one at a time), which is the same without ms2m. Its result may
+/// be published again (its confirm was lost), or, when its ack had not
+/// reached the broker (classic) or the tap (stream), it is delivered and
+/// processed again: then the app's state holds it twice, right after
+/// itself, and with publishes still to suppress its second result takes a
+/// suppression, so the duplicate downstream is the last suppressed one.
+/// Nothing is lost either way, and nothing else comes twice.
+fn assert_exact_but_the_in_flight_one(
+    c: &Container,
+    name: &str,
+    produced: &[u64],
+    results: &[ResultMsg],
+    n: u64,
+    at_restart: &ms2m_runtime_tests::amqp::ConsumerState,
+) {
+    let report = Checker::new(produced.iter().copied()).check(results);
+    eprintln!("{name}: {report}");
+    assert!(report.lost.is_empty(), "{name}: lost: {report}");
+    assert!(report.unexpected.is_empty(), "{name}: {report}");
+    assert!(
+        report.duplicated.len() <= 1,
+        "{name}: more than the in-flight message came twice: {report}"
+    );
+    let state = wait_consumer_count(c, n, Duration::from_secs(30));
+    let in_flight = [at_restart.last_seq, at_restart.last_seq + 1];
+    let once = (state.count, state.digest) == (n, digest_of(1..=n));
+    let twice = in_flight.iter().any(|&d| {
+        let again = (1..=d).chain(std::iter::once(d)).chain(d + 1..=n);
+        (state.count, state.digest) == (n + 1, digest_of(again))
+    });
+    assert!(
+        once || twice,
+        "{name}: the state is neither that of 1..={n} in order nor that with the in-flight \
+         message ({in_flight:?}) twice: {state:?}; {report}"
+    );
+    if once {
+        for &d in &report.duplicated {
+            assert!(
+                in_flight.contains(&d),
+                "{name}: seq {d} came twice, but {in_flight:?} was in flight at the restart: {report}"
+            );
+        }
+    }
 }
 
 /// Garbage and an oversized frame header sent to the tap from inside the
