@@ -71,6 +71,22 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
 
+/// `ms2m restore [extra] ID FROM` with the restored task's output in
+/// `<td>/<name>.restored.log`; returns the command's outcome and the log.
+fn restore_logged(
+    td: &TestDir,
+    name: &str,
+    c: &Container,
+    from: &str,
+    extra: &[&str],
+) -> (ms2m_runtime_tests::CmdOut, std::path::PathBuf) {
+    let log = td.join(&format!("{name}.restored.log"));
+    let mut args = vec!["restore"];
+    args.extend_from_slice(extra);
+    args.extend(["--log", path_str(&log), &c.id, from]);
+    (ms2m(&args), log)
+}
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -209,16 +225,9 @@ fn exit_checkpoint_and_restore(kind: QueueKind) {
     assert_eq!(qc["in_flight"], 0, "{qc}");
 
     std::thread::sleep(Duration::from_secs(1));
-    let restored_log = td.join(&format!("{name}.restored.log"));
     let t0 = Instant::now();
-    ms2m(&[
-        "restore",
-        "--log",
-        path_str(&restored_log),
-        &c.id,
-        path_str(&img),
-    ])
-    .ok();
+    let (out, restored_log) = restore_logged(&td, &name, &c, path_str(&img), &[]);
+    out.ok();
     let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let restored_at = now_us();
     let s = wait_consumer_connects(&c, 2, Duration::from_secs(30));
@@ -316,14 +325,7 @@ fn leave_running_then_kill_restore_from_content_store(client: Client, kind: Queu
     // The source keeps processing past the cut, then dies.
     std::thread::sleep(Duration::from_millis(700));
     c.kill_and_delete_task();
-    let restored_log = td.join(&format!("{name}.restored.log"));
-    let out = ms2m(&[
-        "restore",
-        "--log",
-        path_str(&restored_log),
-        &c.id,
-        &reference,
-    ]);
+    let (out, _) = restore_logged(&td, name, &c, &reference, &[]);
     assert!(out.success(), "ms2m restore {} {reference}: {out}", c.id);
     eprintln!("{}", out.stdout.trim_end());
     let _cleanup = ImageCleanup(reference.clone());
@@ -444,15 +446,7 @@ fn leave_running_fence_kill_restore_of(client: Client, kind: QueueKind, name: &s
         "{out}"
     );
 
-    let restored_log = td.join(&format!("{name}.restored.log"));
-    let out = ms2m(&[
-        "restore",
-        "--force",
-        "--log",
-        path_str(&restored_log),
-        &c.id,
-        path_str(&img),
-    ]);
+    let (out, _) = restore_logged(&td, name, &c, path_str(&img), &["--force"]);
     assert!(out.success(), "ms2m restore: {out}");
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     assert_eq!(rep.confirmed.len() as u64, N);
@@ -838,15 +832,7 @@ fn broker_restart_mid_replay(kind: QueueKind) {
     let rep = producer.join().unwrap_or_else(|e| panic!("producer: {e}"));
     assert_eq!(rep.confirmed.len() as u64, N);
 
-    let restored_log = td.join(&format!("{name}.restored.log"));
-    ms2m(&[
-        "restore",
-        "--log",
-        path_str(&restored_log),
-        &c.id,
-        path_str(&img),
-    ])
-    .ok();
+    restore_logged(&td, name, &c, path_str(&img), &[]).0.ok();
     let before = wait_consumer_count(&c, cut + 400, Duration::from_secs(30));
     let mut at_restart = None;
     restart_broker_app(|| {
@@ -934,15 +920,7 @@ fn broker_restarts_during_a_fence_and_its_replay_publish_nothing_twice() {
 
     // 2. During the restored instance's suppressed replay.
     c.kill_and_delete_task();
-    let restored_log = td.join(&format!("{name}.restored.log"));
-    ms2m(&[
-        "restore",
-        "--log",
-        path_str(&restored_log),
-        &c.id,
-        path_str(&img),
-    ])
-    .ok();
+    restore_logged(&td, name, &c, path_str(&img), &[]).0.ok();
     wait_consumer_count(&c, cut + 100, Duration::from_secs(30));
     let mut at_restart = None;
     restart_broker_app(|| at_restart = consumer_state(&c));
